@@ -1,0 +1,451 @@
+"""A compact Llama-family decoder that loads and saves Hugging Face checkpoints.
+
+Everything the paper computes starts from the model's next-token distribution
+
+    p_t = π_θ(· | x, y_<t) = softmax(W_out · h_t)                               (SPEC §2)
+
+where h_t is the final hidden state at position t and W_out the output matrix. This file
+builds h_t (`Transformer.hidden_states`), exposes W_out (`Transformer.output_weight`) so the
+memory-lean loss in idft.py can form the logits chunk by chunk, and decodes with a static
+KV cache (`KVCache`, `generate`) that hinted_decode.py reuses for its two streams.
+
+One architecture covers the families the project supports:
+
+    LlamaForCausalLM    Llama 2/3/3.1/3.2 (RoPE scaling "llama3"), SmolLM2 (tied embeddings)
+    MistralForCausalLM  the Llama block; the sliding window never binds at our lengths
+    Qwen2ForCausalLM    bias on the q/k/v projections, often tied embeddings
+    Qwen3ForCausalLM    RMSNorm on q and k per head, no q/k/v bias
+
+Block:  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x)),  MLP(x) = W_down(silu(W_gate x) ⊙ W_up x).
+RoPE is written in the rotate-half form that HF checkpoints expect, so weights load without
+any permutation. Module names follow the HF checkpoint names (`layers.N.self_attn.q_proj`,
+...), so loading is a prefix change, not a translation table.
+
+Decoding keeps every row of a batch at the same cache slot. Prompts of different lengths
+are left-padded: row b starts at slot `pad[b]`, its token at slot s has position s − pad[b],
+and it attends to slots pad[b]..s only. Shapes never change between decode steps, which is
+what lets torch.compile capture the step once on a GPU.
+"""
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: the message names the file or tensors."""
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "LlamaForCausalLM"
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2, or Llama/Qwen3 with attention_bias
+    o_bias: bool = False  # Llama/Qwen3 with attention_bias
+    qk_norm: bool = False  # Qwen3
+    hf_config: dict = field(default_factory=dict, repr=False)  # written back by save_pretrained
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias", False):
+            raise CheckpointError("only the SwiGLU MLP (hidden_act 'silu', no mlp_bias) is supported")
+        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters; hub
+        # checkpoints mostly still carry the older keys. Accept both.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise CheckpointError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
+        n_heads = cfg["num_attention_heads"]
+        attention_bias = cfg.get("attention_bias", False)
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            ffn_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            hf_config=dict(cfg),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in float32 like the reference implementation, then scale in the input dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotation frequencies θ_i = rope_theta^(−2i/d), with Llama 3.1's long-context rescaling."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu") / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    smooth = ((old_len / wavelen) - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(in_band, blended, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if layer_cache is None:  # training / scoring: plain causal attention over the batch
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k_cache, v_cache = layer_cache
+            k_cache.index_copy_(2, slots, k)
+            v_cache.index_copy_(2, slots, v)
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, slots, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim].
+
+    `pad[b]` is the number of left-padding slots of row b: its real tokens start there.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pad: torch.Tensor  # [batch] long
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def attention_mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """[batch, 1, len(slots), max_len] boolean: query at slot q sees slots pad[b]..q.
+
+        A padding query (q < pad[b]) would see nothing, and softmax over nothing is NaN, so
+        it is also allowed to see its own slot; its output is never used.
+        """
+        key = torch.arange(self.max_len, device=slots.device)
+        causal = key[None, :] <= slots[:, None]  # [T, S]
+        own_row = key[None, None, :] >= self.pad[:, None, None]  # [B, 1, S]
+        diagonal = key[None, :] == slots[:, None]
+        return ((causal[None] & own_row) | diagonal[None])[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_rope()
+
+    def init_rope(self):
+        """(Re)compute the RoPE frequencies: needed again after building on the meta device."""
+        device = self.embed_tokens.weight.device
+        self.register_buffer("inv_freq", rope_inv_freq(self.config).to(device), persistent=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """W_out, [vocab, dim]: the embedding matrix itself when the two are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def rope(self, positions: torch.Tensor, dtype):
+        """cos and sin for positions [B, T], shaped [B, 1, T, head_dim] to broadcast over heads."""
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, tokens, slots=None, cache: KVCache | None = None):
+        """Final normalized hidden states h_t, [B, T, dim].
+
+        Without a cache: plain causal attention, positions 0..T−1 (training, scoring; right
+        padding is harmless there). With a cache: `slots` [T] are the cache slots these tokens
+        occupy, the same for every row.
+        """
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)
+        if cache is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            mask = None
+        else:
+            positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)
+            mask = cache.attention_mask(slots)
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, layer_cache, slots, mask)
+        return self.norm(x)
+
+    def forward(self, tokens, slots=None, cache: KVCache | None = None):
+        return F.linear(self.hidden_states(tokens, slots, cache), self.output_weight)
+
+    def new_cache(self, pad: torch.Tensor, max_len: int) -> KVCache:
+        c, w = self.config, self.embed_tokens.weight
+        shape = (c.n_layers, len(pad), c.n_kv_heads, max_len, c.head_dim)
+        return KVCache(torch.zeros(shape, dtype=w.dtype, device=w.device),
+                       torch.zeros(shape, dtype=w.dtype, device=w.device), pad.to(w.device))
+
+    # ---- Hugging Face checkpoints -------------------------------------------------------------
+
+    @staticmethod
+    def hf_name(name: str) -> str:
+        """Our parameter name -> the name in an HF checkpoint."""
+        return name if name.startswith("lm_head") else "model." + name
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu") -> "Transformer":
+        """Load an HF directory, a hub id, or the bundled model name (see hub.py).
+
+        The model is built on the meta device (no memory), then each tensor is read from
+        safetensors straight into its final dtype and device and assigned in place.
+        """
+        from hub import resolve_model_dir
+
+        path = resolve_model_dir(str(name_or_path))
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file}: missing (every HF checkpoint has a config.json)")
+        try:
+            cfg = ModelConfig.from_hf(json.loads(config_file.read_text()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{config_file}: cannot read the model config ({type(e).__name__}: {e})") from None
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {cls.hf_name(n): p for n, p in model.state_dict().items()}
+        state = {}
+        for file in checkpoint_files(path):
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for key in f.keys():
+                        if key not in expected:
+                            if key == "lm_head.weight" and cfg.tie_embeddings or key.endswith("rotary_emb.inv_freq"):
+                                continue  # a redundant copy of the tied matrix, or a derived buffer
+                            raise CheckpointError(f"{file}: unexpected tensor {key!r} for {cfg.architecture}")
+                        state[key] = f.get_tensor(key).to(dtype)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, config says {tuple(expected[key].shape)}"
+                )
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+        model.init_rope()
+        return model.eval()
+
+    def save_pretrained(self, out_dir):
+        """Write config.json + model.safetensors that transformers loads as the same model."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dtype = self.embed_tokens.weight.dtype
+        cfg = dict(self.config.hf_config, torch_dtype=str(dtype).removeprefix("torch."))
+        tensors = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in self.state_dict().items()}
+        atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, or the shards its index lists."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in {index.name} but missing")
+    return files
+
+
+def atomic_write(dest: Path, write) -> None:
+    """Call write(tmp_path), then rename over dest: readers see the old file or the new, never half."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- Decoding ---------------------------------------------------------------------------------
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next token per row from logits [B, V]: argmax at temperature 0; otherwise the nucleus
+    (smallest set with probability ≥ top_p, chosen on the untempered distribution), then
+    temperature inside it — the order the authors' hinted-decoding demo uses."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float()
+    if top_p < 1.0:
+        probs, order = torch.sort(logits.softmax(-1), dim=-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reached top_p
+        logits = logits.scatter(-1, order, torch.where(outside, -math.inf, logits.gather(-1, order)))
+    probs = (logits / temperature).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack prompts right-aligned: tokens [B, T0] and the padding count per row."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    tokens = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    return tokens, pad
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id=None,
+             temperature: float = 0.0, top_p: float = 1.0, seed=None) -> list[list[int]]:
+    """Batched decoding with the static KV cache. Returns each row's new tokens, up to and
+    including EOS when it is produced."""
+    device = model.embed_tokens.weight.device
+    tokens, pad = left_pad(prompts, 0, device)
+    width = tokens.shape[1]
+    cache = model.new_cache(pad, width + max_new_tokens)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    logits = model(tokens, torch.arange(width, device=device), cache)[:, -1]
+    out = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, generator)
+        for b, t in enumerate(nxt.tolist()):
+            if not done[b]:
+                out[b].append(t)
+        if eos_id is not None:
+            done |= nxt == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        slot = torch.tensor([width + step], device=device)
+        logits = model(nxt[:, None], slot, cache)[:, -1]
+    return out
+
+
+def main():
+    from hub import BUNDLED_NAME, bundled_model_dir
+    from tokenizer import Tokenizer
+
+    ap = argparse.ArgumentParser(description="Convert the bundled model, or chat with a model once.")
+    ap.add_argument("--convert", action="store_true", help="convert the bundled GGUF to an HF directory and print it")
+    ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
+    ap.add_argument("--prompt", default="What is the capital of France?", help="a user message")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    if args.convert:
+        print(bundled_model_dir())
+        return
+    model, tok = Transformer.from_pretrained(args.model), Tokenizer.from_pretrained(args.model)
+    prompt = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    [reply] = generate(model, [prompt], args.max_new_tokens, eos_id=tok.eos_id)
+    print(tok.decode([t for t in reply if t != tok.eos_id]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""model.py against Hugging Face transformers, the independent reference for every family."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from model import CheckpointError, Transformer, generate
+
+torch.set_num_threads(1)
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=256)
+
+# One tiny random model per feature the loader must get right.
+CASES = {
+    "llama_gqa_untied": (transformers.LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama_tied_mha": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama3_rope_scaling": (transformers.LlamaConfig, dict(
+        num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2_bias_tied": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                       rope_theta=1e6)),
+    "qwen3_qk_norm": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
+}
+
+
+def make_hf(case, path):
+    config_cls, extra = CASES[case]
+    torch.manual_seed(0)
+    hf = config_cls(**COMMON, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(hf).eval()
+    with torch.no_grad():  # random biases and norm weights, so a forgotten one shows up in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.0, 0.5 if name.endswith("bias") else 0.2).add_(1.0 if "norm" in name else 0.0)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = make_hf(request.param, path)
+    return hf, Transformer.from_pretrained(path), path
+
+
+def test_logits_match_transformers(pair):
+    hf, ours, _ = pair
+    tokens = torch.randint(0, COMMON["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens)
+    assert (ref - got).abs().max().item() < 1e-4
+
+
+def test_save_pretrained_roundtrip_through_transformers(pair, tmp_path):
+    _, ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, COMMON["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (reloaded(tokens).logits - ours(tokens)).abs().max().item() < 1e-5
+
+
+def test_cached_decoding_equals_full_forward(pair):
+    _, ours, _ = pair
+    tokens = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ours(tokens)
+        cache = ours.new_cache(torch.zeros(2, dtype=torch.long), 32)
+        steps = [ours(tokens[:, :10], torch.arange(10), cache)]
+        for t in range(10, 24):
+            steps.append(ours(tokens[:, t:t + 1], torch.tensor([t]), cache))
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
+
+
+def test_left_padded_batch_equals_each_prompt_alone(pair):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    batched = generate(ours, prompts, max_new_tokens=12)
+    alone = [generate(ours, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_greedy_generate_matches_transformers(pair):
+    hf, ours, _ = pair
+    prompt = [5, 17, 42, 8, 9, 60]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert generate(ours, [prompt], max_new_tokens=20) == [ref[0, len(prompt):].tolist()]
+
+
+def test_generate_stops_at_eos_and_keeps_it(pair):
+    _, ours, _ = pair
+    prompt = [3, 4, 5]
+    free = generate(ours, [prompt], max_new_tokens=8)[0]
+    eos = free[2]  # pretend the third generated token is the end of turn
+    assert generate(ours, [prompt, [7, 7]], max_new_tokens=8, eos_id=eos)[0] == free[:free.index(eos) + 1]
+
+
+def test_sampling_is_seeded(pair):
+    _, ours, _ = pair
+    a = generate(ours, [[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
+    b = generate(ours, [[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
+    assert a == b
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = make_hf("llama_gqa_untied", tmp_path / "src")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ours = Transformer.from_pretrained(tmp_path / "sharded")
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
+
+
+# ---- bad checkpoints: one clear error each --------------------------------------------------
+
+
+@pytest.fixture
+def good_dir(tmp_path):
+    make_hf("llama_gqa_untied", tmp_path)
+    return tmp_path
+
+
+def test_unsupported_architecture(good_dir):
+    cfg = json.loads((good_dir / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (good_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM"):
+        Transformer.from_pretrained(good_dir)
+
+
+def test_missing_tensor(good_dir):
+    from safetensors.torch import load_file, save_file
+    file = good_dir / "model.safetensors"
+    state = load_file(file)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, file)
+    with pytest.raises(CheckpointError, match="missing tensors model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(good_dir)
+
+
+def test_unexpected_tensor_and_bad_shape(good_dir):
+    from safetensors.torch import load_file, save_file
+    file = good_dir / "model.safetensors"
+    state = load_file(file)
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(state, file)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.extra.weight'"):
+        Transformer.from_pretrained(good_dir)
+    del state["model.layers.0.extra.weight"]
+    state["model.norm.weight"] = torch.ones(5)
+    save_file(state, file)
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(5,\), config says \(64,\)"):
+        Transformer.from_pretrained(good_dir)
+
+
+def test_truncated_safetensors(good_dir):
+    file = good_dir / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated"):
+        Transformer.from_pretrained(good_dir)
+
+
+def test_missing_config(good_dir):
+    (good_dir / "config.json").unlink()
+    with pytest.raises(Exception, match="config.json"):
+        Transformer.from_pretrained(good_dir)
