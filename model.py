@@ -40,10 +40,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data import UserError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded as asked: the message names the file or tensors."""
 
 
@@ -334,13 +336,18 @@ class Transformer(nn.Module):
         model.init_rope()
         return model.eval()
 
-    def save_pretrained(self, out_dir):
-        """Write config.json + model.safetensors that transformers loads as the same model."""
+    def save_pretrained(self, out_dir, state_dict=None):
+        """Write config.json + model.safetensors that transformers loads as the same model.
+
+        `state_dict` (our names) replaces this module's own, e.g. a full copy gathered from
+        the shards of an FSDP run.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        dtype = self.embed_tokens.weight.dtype
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        dtype = state_dict["embed_tokens.weight"].dtype
         cfg = dict(self.config.hf_config, torch_dtype=str(dtype).removeprefix("torch."))
-        tensors = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in self.state_dict().items()}
+        tensors = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in state_dict.items()}
         atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
 
