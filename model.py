@@ -30,7 +30,6 @@ what lets torch.compile capture the step once on a GPU.
 import argparse
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data import UserError
+from data import UserError, atomic_write
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -349,7 +348,7 @@ class Transformer(nn.Module):
         cfg = dict(self.config.hf_config, torch_dtype=str(dtype).removeprefix("torch."))
         tensors = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in state_dict.items()}
         atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+        atomic_write(out_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -366,16 +365,6 @@ def checkpoint_files(path: Path) -> list[Path]:
         if not f.is_file():
             raise CheckpointError(f"{f}: listed in {index.name} but missing")
     return files
-
-
-def atomic_write(dest: Path, write) -> None:
-    """Call write(tmp_path), then rename over dest: readers see the old file or the new, never half."""
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- Decoding ---------------------------------------------------------------------------------

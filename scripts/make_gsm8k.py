@@ -1,0 +1,126 @@
+"""Write GSM8K-style JSONL splits from reasoning-gym's gsm_symbolic templates (no hub access needed).
+
+gsm_symbolic turns GSM8K problems into templates: each generator draws fresh names and numbers
+from a random.Random and returns the question, a step-by-step solution ending in '#### N'
+(GSM8K's format, without the <<a*b=c>> calculator notes) and the answer. reasoning-gym marks 15
+of its 100 generators as broken (`tasks_need_fix`); we use only the 85 in `tasks_ok`.
+
+  train.jsonl    templates not held out
+  test.jsonl     the same templates, fresh random draws, no question also in train
+  heldout.jsonl  --heldout-templates templates never seen in train (generalization)
+
+Each line is {"id", "question", "answer", "final_answer", "template"}: "answer" is the solution,
+"final_answer" the generator's own answer (the gold answer data.py reads). Example i of a split
+uses template i mod (number of templates) and a generator seed derived from (--seed, split, i),
+so output is deterministic and a smaller --n-train gives a prefix of a larger train.jsonl.
+Questions already written (in any split) are skipped, and so are solutions whose '#### N'
+disagrees with the generator's answer numerically ('#### 21.0' for "21", about 4%, is kept).
+
+    python scripts/make_gsm8k.py --out-dir data
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+from data import UserError, answers_match, find_answer, atomic_write  # noqa: E402
+
+QUESTION_SUFFIX = " Give the result as your final answer. Do not include units."  # as reasoning-gym adds
+
+
+def load_generators() -> dict:
+    """The usable gsm_symbolic generators by template number (imported lazily: reasoning-gym is heavy)."""
+    from reasoning_gym.arithmetic.gsm_symbolic import generators_00_49, generators_50_99
+    from reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic import tasks_ok
+
+    modules = (generators_00_49, generators_50_99)
+    return {t: getattr(modules[t // 50], f"generate_{t}") for t in sorted(tasks_ok)}
+
+
+def make_split(name, templates, n, seed, generators, seen, dropped) -> list[dict]:
+    """n examples cycling over templates; `seen` (questions) and `dropped` (counts) are updated."""
+    records, max_tries = [], 20 * n + 1000
+    for i in range(max_tries):
+        if len(records) == n:
+            return records
+        template = templates[i % len(templates)]
+        # A string seed is hashed with SHA-512 by random.seed, so it is stable across runs/processes.
+        ex = generators[template](random.Random(f"gsm_symbolic/{seed}/{name}/{i}"), 1.0)
+        question = ex["question"] + QUESTION_SUFFIX
+        solution = ex["metadata"]["answer_cot"]
+        final, rule = find_answer(solution)
+        if question in seen:
+            dropped["duplicate"] += 1
+        elif rule != "####" or not answers_match(final, ex["answer"]):
+            dropped["inconsistent"] += 1
+        else:
+            seen.add(question)
+            records.append({"id": f"{name}-{len(records):05d}", "question": question, "answer": solution,
+                            "final_answer": ex["answer"], "template": template})
+    if len(records) < n:
+        raise UserError(f"--n-{name} {n}: only {len(records)} distinct questions after {max_tries} draws "
+                        f"from {len(templates)} templates; ask for fewer")
+    return records
+
+
+def build(n_train: int, n_test: int, n_heldout: int, heldout_templates: int, seed: int):
+    """Returns ({file name: JSONL text}, {split: (templates, dropped counts)})."""
+    for flag, value in [("--n-train", n_train), ("--n-test", n_test), ("--n-heldout", n_heldout)]:
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    generators = load_generators()
+    all_templates = sorted(generators)
+    if not 1 <= heldout_templates < len(all_templates):
+        raise UserError(f"--heldout-templates must be between 1 and {len(all_templates) - 1}, got {heldout_templates}")
+    heldout = sorted(random.Random(f"gsm_symbolic/{seed}/heldout").sample(all_templates, heldout_templates))
+    train = [t for t in all_templates if t not in heldout]
+
+    seen, texts, info = set(), {}, {}
+    for name, templates, n in [("train", train, n_train), ("test", train, n_test), ("heldout", heldout, n_heldout)]:
+        dropped = {"duplicate": 0, "inconsistent": 0}
+        records = make_split(name, templates, n, seed, generators, seen, dropped)
+        texts[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        info[name] = (templates, dropped)
+    return texts, info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out-dir", default="data", help="output directory (default: data)")
+    ap.add_argument("--n-train", type=int, default=7000)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--n-heldout", type=int, default=500)
+    ap.add_argument("--heldout-templates", type=int, default=15, help="templates kept out of train/test (of 85)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="overwrite existing files with different content")
+    args = ap.parse_args(argv)
+    try:
+        t0 = time.time()
+        texts, info = build(args.n_train, args.n_test, args.n_heldout, args.heldout_templates, args.seed)
+        out = Path(args.out_dir)
+        # Check every file before writing any, so a refusal leaves the directory untouched.
+        changed = [f for f, text in texts.items() if not (out / f).exists() or (out / f).read_bytes() != text.encode()]
+        clash = [str(out / f) for f in changed if (out / f).exists()]
+        if clash and not args.force:
+            raise UserError(f"{', '.join(clash)} already exist(s) with different content; use --force to overwrite")
+        for f in changed:
+            atomic_write(out / f, texts[f])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, (templates, dropped) in info.items():
+        f = out / f"{name}.jsonl"
+        n = texts[f.name].count("\n")
+        state = "written" if f.name in changed else "unchanged"
+        print(f"{f}: {n} examples, {len(templates)} templates, {f.stat().st_size / 1e6:.2f} MB, {state}; "
+              f"dropped {dropped['duplicate']} duplicate, {dropped['inconsistent']} inconsistent")
+    print(f"held-out templates: {info['heldout'][0]}  ({time.time() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
