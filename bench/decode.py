@@ -1,0 +1,91 @@
+"""Tokens/s of plain greedy decoding: ours (model.generate) vs transformers' generate.
+
+    ours        model.generate: static KV cache preallocated for prompt + new tokens, left
+                padding with per-row positions, one forward per token for the whole batch
+    hf_dynamic  LlamaForCausalLM.generate with its default dynamic cache (the cache grows by
+                concatenation every step), do_sample=False, left padding + attention mask
+    hf_static   CUDA only: generate(cache_implementation="static"), which transformers
+                compiles with torch.compile on a GPU (its fastest built-in path)
+
+Same weights, same prompts, same dtype (float32 on CPU, bfloat16 on CUDA). EOS is switched
+off on both sides (eos_id=None / eos_token_id=None), so every row decodes exactly
+--new-tokens tokens; the outputs are compared token for token (a mismatch is reported, not
+fatal: in bfloat16 near-ties may flip). tokens/s = batch × new tokens / median seconds of
+one whole generate call (prefill included), after one warm-up call per side; calls
+alternate between the sides.
+
+    python bench/decode.py --quick    # tiny random model, seconds
+    python bench/decode.py            # bundled SmolLM2-135M on gsm_symbolic chat prompts
+Writes bench/results/decode-<device>[-quick].json.
+"""
+
+import argparse
+import tempfile
+
+import torch
+
+from common import add_common_args, gsm_prompts, interleaved, load_hf, load_ours, model_dir, new_report, \
+    random_prompts, setup, timing, write_report
+from model import generate, left_pad
+
+
+def hf_generate(hf, prompts, new_tokens, cache_implementation=None):
+    """transformers' generate on left-padded prompts; returns each row's new tokens."""
+    device = hf.device
+    tokens, pad = left_pad(prompts, 0, device)
+    attention_mask = (torch.arange(tokens.shape[1], device=device)[None] >= pad[:, None]).long()
+    out = hf.generate(tokens, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
+                      eos_token_id=None, pad_token_id=0, cache_implementation=cache_implementation)
+    return out[:, tokens.shape[1]:].tolist()
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(ap, reps=3)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32] if cuda else [1, 8])
+    ap.add_argument("--new-tokens", type=int, help="tokens generated per row (default: 64 quick, 256 bundled)")
+    ap.add_argument("--hf-static", action=argparse.BooleanOptionalAction, default=cuda,
+                    help="also time transformers' static cache (+ its auto-compile on CUDA); default on CUDA only")
+    args = ap.parse_args(argv)
+    device = setup(args)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    new_tokens = args.new_tokens or (64 if args.quick else 256)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path, model_name = model_dir(args.quick, scratch)
+        ours, hf = load_ours(path, device, dtype), load_hf(path, device, dtype)
+    n = max(args.batch_sizes)
+    all_prompts = random_prompts(n, ours.config.vocab_size, 8, 48) if args.quick else gsm_prompts(n)
+
+    report = new_report(device, {"model": model_name, "dtype": str(dtype).removeprefix("torch."),
+                                 "new_tokens": new_tokens, "batch_sizes": args.batch_sizes,
+                                 "reps_after_warmup": args.reps, "decoding": "greedy, EOS off"})
+    results, ratios = [], []
+    for batch in args.batch_sizes:
+        prompts = all_prompts[:batch]
+        runs = {"ours": lambda: generate(ours, prompts, new_tokens),
+                "hf_dynamic": lambda: hf_generate(hf, prompts, new_tokens)}
+        if args.hf_static:
+            runs["hf_static"] = lambda: hf_generate(hf, prompts, new_tokens, "static")
+        seconds, outputs = interleaved(runs, args.reps, 1, device)
+        assert all(len(row) == new_tokens for out in outputs.values() for row in out), "EOS was not switched off"
+        row = {"batch": batch, "prompt_tokens": [len(p) for p in prompts]}
+        for name, secs in seconds.items():
+            t = timing(secs)
+            row[name] = {**t, "tokens_per_s": batch * new_tokens / t["seconds_median"],
+                         "outputs_match_ours": outputs[name] == outputs["ours"]}
+        results.append(row)
+        for peer in (k for k in runs if k != "ours"):
+            ratios.append({"batch": batch, "peer": peer,
+                           "ours_over_peer_tokens_per_s": row["ours"]["tokens_per_s"] / row[peer]["tokens_per_s"]})
+        print(f"batch {batch:3d}: " + ", ".join(f"{k} {row[k]['tokens_per_s']:8.1f} tok/s" for k in runs)
+              + " | ours/peer " + ", ".join(f"{r['peer']} {r['ours_over_peer_tokens_per_s']:.2f}x"
+                                           for r in ratios if r["batch"] == batch), flush=True)
+    report.update(results=results, ratios=ratios)
+    write_report("decode", device, args.quick, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

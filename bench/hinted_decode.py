@@ -1,0 +1,183 @@
+"""Examples/s of hinted decoding: ours against the authors' way of running it.
+
+    ours             hinted_decode.hinted_generate on all problems at once: 2B rows in one batch,
+                     static KV cache, one forward per token for every row
+    batch1_cached    the same function, one problem at a time (2 rows)
+    authors_style    one problem at a time, two separate forwards per token (hint, plain), no KV
+                     cache: every step recomputes both whole prefixes, as the published demo does
+
+All three use the same model, the same problems and hinted_decode.mix_step, greedy, with EOS and
+the repetition stop turned off, so every problem decodes exactly its token budget and the
+outputs must agree token for token (checked). The slow baselines may run on the first few
+problems only (--single-problems, --baseline-problems), and authors_style on the first
+--baseline-tokens tokens only: on CPU with the bundled model one problem of 256 tokens without a
+cache takes most of an hour. Speed-ups compare new tokens/s (= examples/s at equal length);
+against a shortened authors_style they are lower bounds, since its steps get dearer as the
+prefix grows. Each timing is the median of --reps runs after one warm-up run (authors_style's
+warm-up decodes 4 tokens: it has no cache or compiled step to warm up).
+
+    python bench/hinted_decode.py --quick     # tiny random model, seconds
+    python bench/hinted_decode.py             # the bundled SmolLM2-135M on gsm_symbolic problems
+
+Results go to bench/results/hinted_decode-<device>.json, one entry per mode.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from any directory
+from data import Example, atomic_write
+from hinted_decode import hint_messages, hinted_generate, mix_step
+from model import ModelConfig, Transformer
+
+
+@torch.no_grad()
+def authors_style(model, hint, plain, *, beta, max_new_tokens, log_vocab):
+    """Batch 1, no cache, two forwards per token over the whole prefix (full logits, like an HF
+    forward without logits_to_keep); the first token from the hint stream alone."""
+    device = model.output_weight.device
+    out = []
+    for step in range(max_new_tokens):
+        p_logits = model(torch.tensor([hint + out], device=device))[:, -1]
+        q_logits = model(torch.tensor([plain + out], device=device))[:, -1]
+        lam = torch.tensor([0.0 if step == 0 else math.nan], device=device)
+        z = mix_step(p_logits, q_logits, lam, log_vocab, beta, "linear", 0.5, (0.3, 0.7))
+        out.append(int(z.argmax()))
+    return out
+
+
+def tiny_setup(n, device):
+    """A small random model and random prompts of varied lengths (hint prompts are longer)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256)
+    model = Transformer(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = lambda lo, hi: torch.randint(lo, hi, (n,), generator=g).tolist()
+    hints = [torch.randint(0, 512, (k,), generator=g).tolist() for k in lengths(80, 160)]
+    plains = [torch.randint(0, 512, (k,), generator=g).tolist() for k in lengths(20, 60)]
+    return model, hints, plains, cfg.vocab_size, "tiny random model (vocab 512, dim 128, 4 layers)"
+
+
+def bundled_setup(n, device, data):
+    """The bundled model; gsm_symbolic problems (scripts/make_gsm8k.py) or the first n of --data."""
+    from data import load_examples
+    from hub import BUNDLED_NAME
+    from tokenizer import Tokenizer
+
+    if data:
+        examples = load_examples(data)[:n]
+    else:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import make_gsm8k
+
+        generators = make_gsm8k.load_generators()
+        rows = make_gsm8k.make_split("bench", sorted(generators), n, 0, generators, set(),
+                                     {"duplicate": 0, "inconsistent": 0})
+        examples = [Example(r["id"], [{"role": "user", "content": r["question"]}], r["answer"], r["final_answer"], 0,
+                            "gsm_symbolic") for r in rows]
+    tok = Tokenizer.from_pretrained(BUNDLED_NAME)
+    model = Transformer.from_pretrained(BUNDLED_NAME, device=device)
+    hints = [tok.encode_chat(hint_messages(ex), add_generation_prompt=True) for ex in examples]
+    plains = [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in examples]
+    return model, hints, plains, tok.vocab_size, f"{BUNDLED_NAME} (float32)"
+
+
+def timed(fn, reps, device, warmup=None):
+    """Median seconds of `reps` runs after one warm-up run (of `warmup`, else `fn`), and the last result."""
+    (warmup or fn)()  # warm-up (and compilation on CUDA)
+    seconds = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), seconds, result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random model instead of the bundled one")
+    ap.add_argument("--problems", type=int, help="problems for ours (default: 16 quick, 32 bundled)")
+    ap.add_argument("--single-problems", type=int, help="problems for batch1_cached (default: 16 quick, 4 bundled)")
+    ap.add_argument("--baseline-problems", type=int, help="problems for authors_style (default: 4 quick, 1 bundled)")
+    ap.add_argument("--max-new-tokens", type=int, help="default: 64 quick, 256 bundled")
+    ap.add_argument("--baseline-tokens", type=int, help="authors_style's tokens (default: all quick, 32 bundled)")
+    ap.add_argument("--reps", type=int, help="timed runs after the warm-up (default: 3 quick, 1 bundled)")
+    ap.add_argument("--beta", type=float, default=3.0)
+    ap.add_argument("--data", help="bundled mode: take the problems from this JSONL file")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    quick = args.quick
+    n = args.problems or (16 if quick else 32)
+    n_single = min(n, args.single_problems or (16 if quick else 4))
+    n_base = min(n, args.baseline_problems or (4 if quick else 1))
+    T = args.max_new_tokens or (64 if quick else 256)
+    T_base = min(T, args.baseline_tokens or (T if quick else 32))
+    reps = args.reps or (3 if quick else 1)
+    device = torch.device(args.device)
+
+    model, hints, plains, vocab, model_name = tiny_setup(n, device) if quick else bundled_setup(n, device, args.data)
+    knobs = dict(beta=args.beta, max_new_tokens=T, repetition_stop=False)
+    baseline = lambda k: [authors_style(model, h, p, beta=args.beta, max_new_tokens=k, log_vocab=math.log(vocab))
+                          for h, p in zip(hints[:n_base], plains[:n_base])]
+    runs = {  # name: (problems, tokens each, run, warm-up run)
+        "ours": (n, T, lambda: hinted_generate(model, hints, plains, **knobs)[0], None),
+        "batch1_cached": (n_single, T, lambda: [hinted_generate(model, [h], [p], **knobs)[0][0]
+                                                for h, p in zip(hints[:n_single], plains[:n_single])], None),
+        "authors_style": (n_base, T_base, lambda: baseline(T_base), lambda: baseline(4)),
+    }
+    results, outputs = {}, {}
+    for name, (count, tokens, fn, warmup) in runs.items():
+        median, seconds, outputs[name] = timed(fn, reps, device, warmup)
+        results[name] = {"problems": count, "new_tokens_per_problem": tokens, "seconds_median": round(median, 4),
+                         "seconds_all": [round(s, 4) for s in seconds], "examples_per_s": count / median,
+                         "new_tokens_per_s": count * tokens / median}
+        print(f"{name:14s} {count:3d} problems x {tokens} tokens: {median:8.2f} s  "
+              f"{count / median:8.4f} examples/s  {count * tokens / median:9.2f} tokens/s", flush=True)
+    identical = (outputs["ours"][:n_single] == outputs["batch1_cached"]
+                 and [o[:T_base] for o in outputs["ours"][:n_base]] == outputs["authors_style"])
+    speedup = {f"vs_{k}": results["ours"]["new_tokens_per_s"] / results[k]["new_tokens_per_s"]
+               for k in ("batch1_cached", "authors_style")}
+    print(f"outputs identical: {identical}; ours speed-up (new tokens/s): "
+          + ", ".join(f"{k} {v:.1f}x" + (" (lower bound)" if k == "vs_authors_style" and T_base < T else "")
+                      for k, v in speedup.items()))
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
+    path = ROOT / "bench" / "results" / f"hinted_decode-{slug}.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                         "device": device_name, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    report["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
+    report.setdefault("modes", {})["quick" if quick else "bundled"] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": model_name, "beta": args.beta,
+        "decoding": "greedy, no EOS, no repetition stop", "reps_after_warmup": reps, "results": results,
+        "ours_speedup_tokens_per_s": speedup, "authors_style_shortened": T_base < T, "outputs_identical": identical,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        # the CPU machine is shared: a load above the core count means the timings are inflated
+        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
+    }
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

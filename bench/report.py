@@ -1,0 +1,299 @@
+"""Regenerate BENCHMARKS.md from every bench/results/*.json: `python bench/report.py`.
+
+One section per workload (training step, greedy decoding, length scaling, hinted decoding,
+memory-lean loss), one table per result file: ours, the peer, the ratio, the machine and the
+command that reproduces it. On top, the goals of the benchmark issue with met / not met and
+the measured value. Goals are judged on full runs only (the bundled model; `--quick` runs on
+a tiny random model are listed but never count). Every number comes from a result file.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from any directory
+
+from data import atomic_write  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+OUT = ROOT / "BENCHMARKS.md"
+
+
+# ---- Reading result files ---------------------------------------------------------------------
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+
+
+def workload(stem: str) -> str:
+    return stem.split("-", 1)[0]
+
+
+def is_gpu(data: dict) -> bool:
+    m = data.get("machine", {})
+    return bool(m.get("gpu")) or m.get("device", "cpu") != "cpu"
+
+
+def runs(results: dict, name: str):
+    """(label, run dict, quick?) for every run of workload `name`; hinted_decode keeps several
+    modes in one file, the others one run per file."""
+    for stem, data in results.items():
+        if workload(stem) != name:
+            continue
+        if "modes" in data:
+            for mode, run in data["modes"].items():
+                yield f"{stem} ({mode})", {**data, **run}, mode == "quick"
+        else:
+            yield stem, data, stem.endswith("-quick")
+
+
+def full_runs(results, name, gpu: bool):
+    return [run for _, run, quick in runs(results, name) if not quick and is_gpu(run) == gpu]
+
+
+def quick_runs(results, name, gpu: bool):
+    return [run for _, run, quick in runs(results, name) if quick and is_gpu(run) == gpu]
+
+
+# ---- Formatting -------------------------------------------------------------------------------
+
+
+def x(v) -> str:
+    return f"{v:.2f}×"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(run: dict) -> str:
+    m = run.get("machine", {})
+    v = run.get("versions", {})
+    machine = m.get("gpu") or m.get("device") if is_gpu(run) else \
+        f"CPU ({m.get('cpu_count', '?')} cores, {m.get('torch_threads', '?')} torch thread(s))"
+    versions = ", ".join(f"{k} {v.get(k) or m.get(k)}" for k in ("torch", "transformers") if v.get(k) or m.get(k))
+    load = ""
+    if "loadavg_start" in run:
+        load = f"; load average {run['loadavg_start'][0]:.1f} → {run['loadavg_end'][0]:.1f}"
+    return (f"Reproduce: `{run.get('command', '?')}`  \n"
+            f"Measured {run.get('date', '?')} on {machine}, {m.get('platform', '?')}; {versions}{load}.")
+
+
+# ---- Goals ------------------------------------------------------------------------------------
+
+
+def judge(values: list, met) -> tuple[str, str]:
+    """(measured, status) of a goal from the (value, text) of its full runs, the latest last;
+    met(value) is True, False, or None when the value cannot decide."""
+    if not values:
+        return "—", "not measured"
+    v = values[-1]
+    verdict = met(v[0])
+    return v[1], "**met**" if verdict else "not established (a lower bound, below the goal)" if verdict is None \
+        else "**not met**"
+
+
+def train_ratio(run):
+    return run["ratios"]["ours_over_peer_tokens_per_s"]
+
+
+def decode_ratio(run, batch=1, peer="hf_dynamic"):
+    return next((r["ours_over_peer_tokens_per_s"] for r in run["ratios"] if r["batch"] == batch and r["peer"] == peer),
+                None)
+
+
+def hinted_speedup(run) -> dict:
+    """ours' speed-up per mode ({"vs_batch1_cached": ..., "vs_authors_style": ...}); the key of
+    this dict changed name once in bench/hinted_decode.py, both are read."""
+    return run.get("ours_speedup_tokens_per_s") or run["ours_speedup_per_example"]
+
+
+def hinted_ratio(run, new_tokens):
+    """ours vs authors_style when ours decoded `new_tokens` per problem; (value, is a lower bound)."""
+    if run["results"]["ours"]["new_tokens_per_problem"] != new_tokens:
+        return None
+    return hinted_speedup(run)["vs_authors_style"], bool(run.get("authors_style_shortened"))
+
+
+def lean_rows(run):
+    """(lean/reference memory, lean/reference time, tokens, vocab) at the default chunk size (1024)."""
+    return [(1 / r["memory_ref_over_lean"], r["time_lean_over_ref"], r["tokens"], r["vocab"])
+            for r in run["ratios"] if r["chunk_size"] == 1024]
+
+
+def goals(results) -> list[list]:
+    rows = []
+
+    def add(goal, device, name, gpu, value, met, fmt, quick_value=None):
+        """One row; without a full run, show what a quick run measured (quick_value: its own reading)."""
+        values = [(v, fmt(v)) for v in (value(r) for r in full_runs(results, name, gpu)) if v is not None]
+        measured, status = judge(values, met)
+        quick = [q for q in ((quick_value or value)(r) for r in quick_runs(results, name, gpu)) if q is not None]
+        if not values and quick:
+            measured = f"— (quick run on the tiny model only: {quick[-1] if quick_value else fmt(quick[-1])})"
+        rows.append([goal, device, measured, status])
+
+    for gpu, device in ((False, "CPU, float32"), (True, "GPU, bfloat16")):
+        train_goal, decode_goal, hinted_goal = (1.5, 3.0, 30) if gpu else (1.0, 1.5, 10)
+        add(f"training step ≥ {train_goal:g}× HF eager (tokens/s)", device, "train_step", gpu, train_ratio,
+            lambda v: v >= train_goal, x)
+        if gpu:
+            add("training step MFU ≥ 35%", device, "train_step", gpu, lambda r: r["results"]["ours"].get("mfu"),
+                lambda v: v >= 0.35, lambda v: f"{v:.1%}")
+        add(f"batch-1 greedy decoding ≥ {decode_goal:g}× HF generate (default cache)", device, "decode", gpu,
+            decode_ratio, lambda v: v >= decode_goal, x)
+        # a shortened authors_style run gives a lower bound: enough to say "met", never "not met"
+        add(f"hinted decoding ≥ {hinted_goal}× the authors' design at 256 new tokens", device, "hinted_decode", gpu,
+            lambda r: hinted_ratio(r, 256), lambda v: v[0] >= hinted_goal or (None if v[1] else False),
+            lambda v: ("≥ " if v[1] else "") + x(v[0]) + (" (authors' design timed on fewer tokens)" if v[1] else ""),
+            quick_value=lambda r: f"{x(hinted_speedup(r)['vs_authors_style'])} at "
+                                  f"{r['results']['ours']['new_tokens_per_problem']} tokens")
+        lean_label = "memory-lean loss ≤ 0.35× the reference's peak memory at ≤ its time"
+        add(lean_label + ("" if gpu else " (a GPU goal; CPU shown for reference)"), device, "loss_memory", gpu,
+            lean_rows, lambda rows_: bool(rows_) and all(m <= 0.35 and t <= 1.0 for m, t, _, _ in rows_),
+            lambda rows_: "; ".join(f"{t}×{v}: {x(m)} memory, {x(tt)} time" for m, tt, t, v in rows_))
+    return rows
+
+
+# ---- Sections ---------------------------------------------------------------------------------
+
+
+def train_section(results) -> list[str]:
+    out = ["## Training step (forward + backward + AdamW, IDFT loss)", "",
+           "Ours: `train.LossHead` (hidden states + `idft.chunked_loss`, compiled on CUDA). Peer: transformers "
+           "`LlamaForCausalLM`, eager, full logits and the IDFT loss written the authors' way (float32 log-softmax, "
+           "entropy, gather). Same weights, batch and dtype; peak memory from a fresh process per side "
+           "(growth during two steps: gradients, AdamW state, activations, logits). `bench/train_step.py`.", ""]
+    for label, run, _ in runs(results, "train_step"):
+        s, res = run["settings"], run["results"]
+        rows = []
+        for side, name in (("ours", "ours (LossHead + chunked_loss)"), ("peer", "HF eager + authors' loss")):
+            r = res[side]
+            rows.append([name, f"{r['tokens_per_s']:.1f}", f"{r['seconds_median']:.3f}", f"{r['peak_step_gib']:.2f}",
+                         f"{r['max_rss_gib']:.2f}", f"{r['mfu']:.1%}" if "mfu" in r else "—"])
+        ra = run["ratios"]
+        rows.append(["**ours / peer**", f"**{x(ra['ours_over_peer_tokens_per_s'])}**", "",
+                     f"**{x(ra['ours_over_peer_peak_step_memory'])}**", "", ""])
+        out += [f"### {label}: {s['model']}, {s['batch']} × {s['seq']} tokens, {s['dtype']}", "",
+                table(["", "tokens/s", "s/step (median)", "step peak GiB", "process max RSS GiB", "MFU"], rows), "",
+                f"First-step losses agree to {ra['first_loss_rel_diff']:.1e} (relative); "
+                f"{s['reps_after_warmup']} timed steps per side after {s['warmup_steps']} warm-up step(s).  ",
+                provenance(run), ""]
+    return out
+
+
+def decode_section(results) -> list[str]:
+    out = ["## Greedy decoding", "",
+           "Ours: `model.generate` (static KV cache). Peer: transformers `generate` with its default dynamic cache "
+           "(`hf_dynamic`) and, on CUDA, with `cache_implementation=\"static\"`, which it compiles (`hf_static`). Same "
+           "prompts, left padding, EOS off so every row decodes exactly the same number of tokens; tokens/s of whole "
+           "`generate` calls (prefill included). `bench/decode.py`.", ""]
+    for label, run, _ in runs(results, "decode"):
+        s = run["settings"]
+        peers = [k for k in run["results"][0] if k.startswith("hf_")]
+        rows = []
+        for r in run["results"]:
+            ratio = {q["peer"]: q["ours_over_peer_tokens_per_s"] for q in run["ratios"] if q["batch"] == r["batch"]}
+            same = all(r[p]["outputs_match_ours"] for p in peers)
+            rows.append([r["batch"], f"{r['ours']['tokens_per_s']:.1f}"]
+                        + [f"{r[p]['tokens_per_s']:.1f}" for p in peers]
+                        + [f"**{x(ratio[p])}**" for p in peers] + ["yes" if same else "no"])
+        out += [f"### {label}: {s['model']}, {s['new_tokens']} new tokens, {s['dtype']}", "",
+                table(["batch", "ours tokens/s"] + [f"{p} tokens/s" for p in peers]
+                      + [f"ours / {p}" for p in peers] + ["same tokens"], rows), "",
+                f"{s['reps_after_warmup']} timed calls per side after one warm-up call.  ", provenance(run), ""]
+    return out
+
+
+def scaling_section(results) -> list[str]:
+    out = ["## Time per generated token vs generated length", "",
+           "Ours: `model.generate` with the KV cache. `no_cache`: the authors' demo design, every step recomputes "
+           "the whole prefix. Same model (ours), greedy, batch 1, one stream. `bench/scaling.py`.", ""]
+    for label, run, _ in runs(results, "scaling"):
+        s, ra = run["settings"], run["ratios"]
+        rows = [[r["new_tokens"], f"{r['ours']['seconds_per_token'] * 1e3:.2f}",
+                 f"{r['no_cache']['seconds_per_token'] * 1e3:.2f}", f"**{x(r['no_cache_over_ours_per_token'])}**",
+                 "yes" if r["outputs_identical"] else f"no (from token {r['first_mismatch']})"]
+                for r in run["results"]]
+        out += [f"### {label}: {s['model']}, prompt {s['prompt_tokens']} tokens, {s['dtype']}", "",
+                table(["new tokens L", "ours ms/token", "no cache ms/token", "no cache / ours", "same tokens"], rows),
+                "", f"L grows {ra['length_growth']:g}×: time per token grows {x(ra['ours_per_token_growth'])} with the "
+                    f"cache, {x(ra['no_cache_per_token_growth'])} without.  ", provenance(run), ""]
+    return out
+
+
+def hinted_section(results) -> list[str]:
+    out = ["## Hinted decoding", "",
+           "Ours: `hinted_decode.hinted_generate` on all problems at once (2B rows, one forward per token, KV cache). "
+           "`batch1_cached`: the same, one problem at a time. `authors_style`: one problem at a time, two forwards per "
+           "token over the whole prefixes, no cache, as the published demo. Ratios compare new tokens/s (examples/s "
+           "at equal length); where `authors_style` was timed on fewer tokens than ours, its steps were cheaper, so "
+           "the ratio is a lower bound. "
+           "`bench/hinted_decode.py`.", ""]
+    for label, run, _ in runs(results, "hinted_decode"):
+        res, sp = run["results"], hinted_speedup(run)
+        rows = [[name, r["problems"], r["new_tokens_per_problem"], f"{r['examples_per_s']:.3f}",
+                 f"{r['new_tokens_per_s']:.1f}", "1.00×" if name == "ours" else f"**{x(sp['vs_' + name])}**"]
+                for name, r in res.items()]
+        n = res["ours"]["new_tokens_per_problem"]
+        out += [f"### {label}: {run['model']}, {n} new tokens per problem", "",
+                table(["mode", "problems", "new tokens / problem", "examples/s", "tokens/s", "ours / mode"], rows),
+                "",
+                f"Outputs identical across modes: {'yes' if run['outputs_identical'] else 'no'}; "
+                f"{run['reps_after_warmup']} timed run(s) after one warm-up.  ", provenance(run), ""]
+    return out
+
+
+def loss_memory_section(results) -> list[str]:
+    out = ["## Memory-lean loss (one IDFT forward + backward of the output layer)", "",
+           "Reference: full logits, `idft.token_loss_sum`, autograd. Lean: `idft.chunked_loss`. Peak = growth over "
+           "the memory held before the step, one process per measurement. `bench/loss_memory.py`.", ""]
+    for label, run, _ in runs(results, "loss_memory"):
+        rows = [[f"{r['tokens']} × {r['vocab']} (D {r['dim']})", r["path"] + (f" / chunk {r['chunk_size']}"
+                                                                               if r["chunk_size"] else ""),
+                 r["dtype"], f"{r['time_s']:.2f}", f"{r['peak_gib']:.2f}"] for r in run["results"]]
+        ratio_rows = [[f"{r['tokens']} × {r['vocab']}", r["chunk_size"], f"**{x(1 / r['memory_ref_over_lean'])}**",
+                       f"**{x(r['time_lean_over_ref'])}**", f"{r['loss_rel_diff']:.1e}"] for r in run["ratios"]]
+        out += [f"### {label}", "", table(["tokens × vocab", "path", "dtype", "seconds (median)", "peak GiB"], rows), "",
+                table(["tokens × vocab", "chunk", "lean / reference memory", "lean / reference time",
+                       "loss rel. diff"], ratio_rows), "", provenance(run), ""]
+    return out
+
+
+def render(results: dict) -> str:
+    gpu_results = [stem for stem, data in results.items() if is_gpu(data)]
+    lines = ["# Benchmarks", "",
+             "Generated by `python bench/report.py` from `bench/results/*.json`; do not edit by hand. Every "
+             "benchmark runs ours and its peer in the same process on the same weights, data, dtype and device, "
+             "alternating calls, warm-up excluded, median of the repetitions. On CPU each process uses one torch "
+             "thread (the 2 cores are shared; see `bench/common.py`).", "",
+             "## Goals", "",
+             "Judged on full runs (bundled SmolLM2-135M-Instruct); `--quick` runs (tiny random model) never count.", "",
+             table(["goal", "device", "measured", "status"], goals(results)), ""]
+    if not gpu_results:
+        lines += ["No GPU results exist in `bench/results/`: no GPU was available when these benchmarks were run, "
+                  "so every GPU goal is **not measured**. On a CUDA machine the same commands use bfloat16, "
+                  "compile our training step, and add transformers' static-cache + compile decoding; those code "
+                  "paths have not been run.", ""]
+    for section in (train_section, decode_section, scaling_section, hinted_section, loss_memory_section):
+        lines += section(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="directory of the result JSON files")
+    ap.add_argument("--out", type=Path, default=OUT, help="Markdown file to write")
+    args = ap.parse_args(argv)
+    atomic_write(args.out, render(load_results(args.results)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

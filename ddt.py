@@ -1,0 +1,331 @@
+"""Distribution Discriminant Theory (DDT): how on-policy is a token, and a sequence?
+
+Maps to SPEC §2. At response position t the model predicts p_t = π_θ(· | x, y_<t) and the
+data token is y_t. Per token (all float32, no gradient):
+
+    ℓ_t = log p_t(y_t)                         -> TokenStats.logp
+    H_t = −Σ_v p_t(v) log p_t(v)               -> TokenStats.H
+    φ_t = ℓ_t + H_t        (centered log-lik.)  -> TokenStats.phi
+    V_t = Σ_v p_t(v) (log p_t(v) + H_t)²        -> TokenStats.V   (varentropy = Var_{v~p_t}[log p_t(v)])
+
+If y_t ~ p_t (on-policy) then E[φ_t] = 0 and Var[φ_t] = V_t given the past, whatever the
+position's difficulty, so the partial sums Σφ_t form a martingale. If y_t ~ q_t instead,
+E_q[φ_t] = H(p_t) − H(q_t) − KL(q_t‖p_t): negative when the KL beats the entropy gap.
+V_t is computed as the mean squared deviation around −H_t rather than as
+Σ p (log p)² − H² because the latter subtracts two large nearly equal numbers.
+
+Per sequence (over the response mask), `sequence_scores` gives the statistics of the paper's
+code: total φ, average φ, running sum of φ, share of φ > 0 and shares of φ > −1, −3, −5.
+Authors' rule of thumb: average φ below about −0.1 means "out of distribution", about −0.05
+is good. That threshold ignores length and per-token noise; our calibrated alternative is
+
+    z = Σ_t φ_t / sqrt(Σ_t V_t)                 -> SequenceScores.z
+    p-value = P(Z ≤ z), Z ~ N(0, 1)             -> SequenceScores.p_value
+
+which, for text the model itself samples at temperature 1, is close to a standard normal by
+the martingale central limit theorem. Flag a sequence as off-distribution when
+p_value < α (equivalently z < Φ⁻¹(α), e.g. z < −1.645 for α = 0.05): about a fraction α of
+on-policy sequences is flagged by mistake, whatever their length.
+
+Memory: logits are processed in chunks of tokens; per chunk the code holds two
+[chunk × vocab] float32 buffers (log p and p), never the float32 copy of the whole batch.
+`log_softmax_stats` is the one implementation of this math; idft.py imports it.
+"""
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+STATS_CHUNK = 1024  # tokens per chunk: 1024 × 152k vocab × 4 bytes ≈ 0.6 GiB per buffer
+PHI_SHARE_THRESHOLDS = (-1.0, -3.0, -5.0)  # shares of φ_t above these, as in the authors' code
+
+
+def _rowdot(a, b):
+    """Σ_v a[n, v] b[n, v] per row, without allocating the [n, v] product (einsum -> bmm)."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
+def log_softmax_stats(z, targets=None):
+    """The DDT math for one chunk of logits z [n, V] (any float dtype), done in float32.
+
+    Returns (logp, H, V, p): logp = ℓ = log p(y) [n] (None when targets is None), entropy H [n],
+    varentropy V [n], and the probabilities p [n, V] float32, which callers may reuse in place
+    (idft.py turns p into the gradient of the logits).
+    """
+    log_p = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+    logp = None if targets is None else log_p.gather(-1, targets[:, None]).squeeze(-1)
+    p = log_p.exp()
+    H = -_rowdot(p, log_p)
+    # V = Σ p (log p + H)²: reuse the log p buffer in place for the squared deviations
+    V = _rowdot(p, log_p.add_(H[:, None]).square_())
+    return logp, H, V, p
+
+
+@dataclass
+class TokenStats:
+    """Per-token DDT statistics, float32, shape [...] of the targets."""
+
+    logp: torch.Tensor  # ℓ_t = log p_t(y_t)
+    H: torch.Tensor  # entropy H_t
+    phi: torch.Tensor  # φ_t = ℓ_t + H_t
+    V: torch.Tensor  # varentropy V_t
+
+
+@torch.no_grad()
+def token_stats(logits, targets, chunk_size=STATS_CHUNK):
+    """ℓ, H, φ, V for every position: logits[..., t, :] scores targets[..., t].
+
+    logits: [..., V] any float dtype; targets: [...] long (ids must be valid, mask elsewhere).
+    Returns TokenStats of float32 tensors shaped like targets. Chunked over flattened tokens.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    z = logits.reshape(-1, logits.shape[-1])
+    y = targets.reshape(-1)
+    logp, H, V = (torch.empty(y.shape, dtype=torch.float32, device=z.device) for _ in range(3))
+    for i in range(0, y.numel(), chunk_size):
+        j = i + chunk_size
+        logp[i:j], H[i:j], V[i:j], _ = log_softmax_stats(z[i:j], y[i:j])
+    shape = targets.shape
+    return TokenStats(logp.view(shape), H.view(shape), (logp + H).view(shape), V.view(shape))
+
+
+def response_token_stats(logits, tokens, response_mask, chunk_size=STATS_CHUNK):
+    """Stats of the response tokens of whole sequences, from one causal forward pass.
+
+    logits [B, T, V] come from running the model on tokens [B, T] (prompt + response, right
+    padded); response_mask [B, T] marks response tokens. Position t predicts token t + 1, so
+    the result (TokenStats, mask) is aligned with tokens[:, 1:] and has length T − 1.
+    """
+    # score all T positions (the last one, which predicts past the end, is dropped afterwards)
+    # rather than slicing logits[:, :-1], which would copy the whole logits tensor
+    mask = response_mask.bool().roll(-1, dims=1)  # mask[:, t]: position t predicts a response token
+    targets = tokens.roll(-1, dims=1).masked_fill(~mask, 0)
+    st = token_stats(logits, targets, chunk_size)
+    return TokenStats(st.logp[:, :-1], st.H[:, :-1], st.phi[:, :-1], st.V[:, :-1]), mask[:, :-1]
+
+
+@dataclass
+class SequenceScores:
+    """Per-sequence DDT scores: [B] tensors, except phi_cumsum and mask [B, T]."""
+
+    n: torch.Tensor  # number of response tokens
+    phi_sum: torch.Tensor  # Σ φ_t
+    phi_mean: torch.Tensor  # Σ φ_t / n   (rule of thumb: < −0.1 is off-distribution)
+    phi_cumsum: torch.Tensor  # running Σ_{s≤t} φ_s (constant across masked positions)
+    mask: torch.Tensor  # [B, T] bool, the response tokens that were scored
+    share_phi_pos: torch.Tensor  # share of tokens with φ_t > 0
+    share_phi_gt: dict  # {threshold: share of tokens with φ_t > threshold} for −1, −3, −5
+    V_sum: torch.Tensor  # Σ V_t
+    z: torch.Tensor  # Σ φ_t / sqrt(Σ V_t)
+    p_value: torch.Tensor  # P(Z ≤ z) under N(0, 1), float64 (small values would underflow float32)
+
+    def to_rows(self):
+        """One JSON-friendly dict per sequence (undefined values such as 0/0 become None)."""
+
+        def num(x):
+            x = float(x)
+            return None if math.isnan(x) else x
+
+        rows = []
+        for b in range(len(self.n)):
+            rows.append({
+                "n_tokens": int(self.n[b]),
+                "phi_sum": num(self.phi_sum[b]),
+                "phi_mean": num(self.phi_mean[b]),
+                "share_phi_pos": num(self.share_phi_pos[b]),
+                **{f"share_phi_gt_{int(c)}": num(s[b]) for c, s in self.share_phi_gt.items()},
+                "V_sum": num(self.V_sum[b]),
+                "z": num(self.z[b]),
+                "p_value": num(self.p_value[b]),
+                "phi_cumsum": self.phi_cumsum[b][self.mask[b]].tolist(),
+            })
+        return rows
+
+
+def sequence_scores(stats, mask):
+    """Aggregate TokenStats [B, T] over a response mask [B, T] into SequenceScores.
+
+    Rows with no response token get n = 0 and NaN for every ratio (0/0 is undefined).
+    """
+    m = mask.bool()
+    n = m.sum(-1).float()
+    phi = torch.where(m, stats.phi, 0.0)
+    phi_sum = phi.sum(-1)
+    V_sum = torch.where(m, stats.V, 0.0).sum(-1)
+
+    def share(cond):
+        return (cond & m).float().sum(-1) / n
+
+    z = phi_sum / V_sum.sqrt()
+    return SequenceScores(
+        n=n.long(),
+        phi_sum=phi_sum,
+        phi_mean=phi_sum / n,
+        phi_cumsum=phi.cumsum(-1),
+        mask=m,
+        share_phi_pos=share(stats.phi > 0),
+        share_phi_gt={c: share(stats.phi > c) for c in PHI_SHARE_THRESHOLDS},
+        V_sum=V_sum,
+        z=z,
+        p_value=torch.special.ndtr(z.double()),
+    )
+
+
+def score_sequences(logits, tokens, response_mask, chunk_size=STATS_CHUNK):
+    """SequenceScores of each row's response, from the logits of one forward over tokens."""
+    stats, mask = response_token_stats(logits, tokens, response_mask, chunk_size)
+    return sequence_scores(stats, mask)
+
+
+# ---- Scoring examples with a model ------------------------------------------------------------
+# Scoring context (SPEC §2): the plain prompt (question in the chat template, no hints), full
+# vocabulary, temperature 1, float32 logits — exactly the tokens training sees
+# (data.encode_example: prompt ++ response ++ end of turn).
+
+
+def response_hidden(model, seqs: list[tuple[list[int], int]], pad_id: int):
+    """One causal forward over right-padded (ids, n_prompt) rows.
+
+    Returns the final hidden states at the positions that predict a response token [N, D],
+    those tokens [N], and where they sit, mask [B, T−1] (position t predicts token t + 1).
+    """
+    device = model.embed_tokens.weight.device
+    width = max(len(ids) for ids, _ in seqs)
+    tokens = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device=device)
+    t = torch.arange(width - 1, device=device)
+    mask = torch.stack([(t >= n_prompt - 1) & (t < len(ids) - 1) for ids, n_prompt in seqs])
+    return model.hidden_states(tokens)[:, :-1][mask], tokens[:, 1:][mask], mask
+
+
+def float32_logits(model, hidden: torch.Tensor, chunk: int):
+    """Logits W_out·h in float32 for hidden states [N, D], chunk by chunk (never all N at once)."""
+    weight = model.output_weight.float()  # a no-op for float32 weights; one copy for bfloat16
+    return (torch.nn.functional.linear(hidden[i:i + chunk].float(), weight) for i in range(0, len(hidden), chunk))
+
+
+def spread(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Flat per-token values back into the [B, T] layout of `mask` (zeros elsewhere)."""
+    return torch.zeros(mask.shape, device=values.device).masked_scatter(mask, values)
+
+
+@torch.no_grad()
+def score_examples(model, seqs, pad_id: int, batch_size: int, chunk: int = STATS_CHUNK,
+                   token_phi: bool = False, progress: bool = False) -> list[dict]:
+    """DDT scores of each (ids, n_prompt) sequence's response: one JSON-friendly dict per sequence
+    (SequenceScores.to_rows without the running sum); with token_phi, also the per-token φ_t."""
+    from tqdm import tqdm
+
+    rows = []
+    starts = range(0, len(seqs), batch_size)
+    for start in tqdm(starts, desc="scoring", disable=not progress, file=sys.stderr):
+        h, y, mask = response_hidden(model, seqs[start:start + batch_size], pad_id)
+        parts = [token_stats(z, y_part) for z, y_part in zip(float32_logits(model, h, chunk), y.split(chunk))]
+        stats = TokenStats(*(spread(mask, torch.cat([getattr(p, f) for p in parts]))
+                             for f in ("logp", "H", "phi", "V")))
+        for b, row in enumerate(sequence_scores(stats, mask).to_rows()):
+            del row["phi_cumsum"]  # per-token detail; the summary numbers are what people read
+            if token_phi:
+                row["phi_tokens"] = stats.phi[b][mask[b]].tolist()
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict], alpha: float) -> dict:
+    """Data-set summary: spread of average φ and of z, and the share judged off-distribution by
+    the authors' rule (average φ < −0.1) and by the calibrated test (p-value < α)."""
+    phi_mean = torch.tensor([r["phi_mean"] for r in rows if r["phi_mean"] is not None], dtype=torch.float64)
+    z = torch.tensor([r["z"] for r in rows if r["z"] is not None], dtype=torch.float64)
+    return {
+        "examples": len(rows), "response_tokens": sum(r["n_tokens"] for r in rows),
+        "phi_mean_mean": phi_mean.mean().item(), "phi_mean_median": phi_mean.median().item(),
+        "phi_mean_std": phi_mean.std().item() if len(phi_mean) > 1 else 0.0,
+        "z_mean": z.mean().item(), "z_std": z.std().item() if len(z) > 1 else 0.0,
+        "z_median": z.median().item(),
+        "share_ood_rule_of_thumb": (phi_mean < -0.1).double().mean().item(),
+        "alpha": alpha, "z_threshold": torch.special.ndtri(torch.tensor(alpha, dtype=torch.float64)).item(),
+        "share_ood_calibrated": sum(r["p_value"] is not None and r["p_value"] < alpha for r in rows) / len(rows),
+    }
+
+
+def plot_scores(rows: list[dict], path) -> None:
+    """Histograms of per-token φ (all responses pooled) and of z, with the N(0, 1) density z
+    would follow for on-policy text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data import atomic_write
+
+    phi = [p for r in rows for p in r["phi_tokens"]]
+    z = [r["z"] for r in rows if r["z"] is not None]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.hist(phi, bins=80, range=(-10, 5), color="tab:blue")
+    a.axvline(0, color="k", lw=0.8)
+    a.set(title="per-token φ = log p(y) + H", xlabel="φ_t", ylabel="tokens")
+    b.hist(z, bins=30, density=True, color="tab:orange", alpha=0.8, label="data")
+    grid = torch.linspace(min(-4.0, min(z, default=0.0)), max(4.0, max(z, default=0.0)), 200)
+    b.plot(grid, torch.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), "k", lw=1, label="N(0, 1): on-policy")
+    b.set(title="z = Σφ / sqrt(ΣV) per response", xlabel="z", ylabel="density")
+    b.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from data import UserError, atomic_write, encode_example, load_examples
+    from hub import BUNDLED_NAME
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    ap = argparse.ArgumentParser(description="Score how on-policy a data set's responses are for a model (DDT).")
+    ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
+    ap.add_argument("--data", required=True, help="JSONL: {question, answer}, {prompt, response} or {messages}")
+    ap.add_argument("--out", default=None, help="per-example scores (JSONL); default: DATA with suffix .ddt.jsonl")
+    ap.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of the calibrated test z < Φ⁻¹(α)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    ap.add_argument("--plot", action="store_true", help="also save histograms of φ_t and z as OUT.png")
+    args = ap.parse_args(argv)
+    try:
+        if not 0 < args.alpha < 1:
+            raise UserError("--alpha must lie strictly between 0 and 1")
+        if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+            raise UserError("--batch-size and --limit must be positive")
+        examples = load_examples(args.data)[:args.limit]
+        out = Path(args.out) if args.out else Path(args.data).with_suffix(".ddt.jsonl")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = Transformer.from_pretrained(args.model, device=device)
+        tok = Tokenizer.from_pretrained(args.model)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seqs = [encode_example(tok, ex) for ex in examples]
+    rows = score_examples(model, seqs, tok.pad_id, args.batch_size, token_phi=args.plot, progress=True)
+    if args.plot:
+        plot_scores(rows, out.with_suffix(".png"))
+    lines = [json.dumps({"id": ex.id, "line": ex.line, **{k: v for k, v in r.items() if k != "phi_tokens"}})
+             for ex, r in zip(examples, rows)]
+    atomic_write(out, "".join(line + "\n" for line in lines))
+    s = summarize(rows, args.alpha)
+    print(f"{s['examples']} examples, {s['response_tokens']} response tokens, scored by {args.model}")
+    print(f"average φ per example   mean {s['phi_mean_mean']:+.4f}   median {s['phi_mean_median']:+.4f}   "
+          f"std {s['phi_mean_std']:.4f}")
+    print(f"z = Σφ/sqrt(ΣV)         mean {s['z_mean']:+.3f}   median {s['z_median']:+.3f}   std {s['z_std']:.3f}   "
+          "(model's own samples: ≈ 0 and ≈ 1)")
+    print(f"off-distribution        authors' rule (average φ < −0.1): {s['share_ood_rule_of_thumb']:.1%}")
+    print(f"                        calibrated (z < {s['z_threshold']:.3f}, false-alarm rate {args.alpha:g}): "
+          f"{s['share_ood_calibrated']:.1%}")
+    print(f"per-example scores: {out}" + (f"; plot: {out.with_suffix('.png')}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

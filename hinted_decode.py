@@ -1,0 +1,601 @@
+"""Hinted decoding: rewrite a reference solution into the model's own words (SPEC §4).
+
+One model, two prompts per example, decoded together token by token:
+
+    hint stream   p_t = π_θ(· | hint prompt, y_<t)    the question, the reference solution and
+                  an instruction to solve the problem as if for the first time (HINT_TEMPLATE)
+    plain stream  q_t = π_θ(· | plain prompt, y_<t)   the question alone, as at training time
+
+At every step (`mix_step`):
+
+    h_t = H(p_t) / log|V|                  normalized entropy of the hint stream, in [0, 1];
+                                           |V| = the tokenizer's real vocabulary size (regular +
+                                           special tokens), not the possibly padded embedding
+                                           rows, so h = 1 means "uniform over real tokens"
+    λ_t = clamp(β · h_t, 0, 1)             mode "linear" (default)
+        = σ(β · (h_t − c))                 mode "sigmoid", c = sigmoid_center
+        = 0 below h1, 1 above h2, linear   mode "piecewise", (h1, h2) = piecewise_bounds (β unused)
+    z_t = (1 − λ_t) log p_t + λ_t log q_t  the geometric mixture m ∝ p^(1−λ) q^λ, in log space
+    y_t ~ z_t                              argmax at temperature 0, else top-p then temperature
+                                           (model.sample_next), appended to *both* streams
+
+Where the hint stream is sure (a number, a key step) it leads; where it hesitates (phrasing,
+connectives, length) the model's own plain stream leads. Rules: the first token comes from the
+hint stream alone (λ = 0); once the generated text contains the splitter (`\\boxed{`, or `####`
+for GSM8K) the plain stream decodes alone (λ = 1) to the end, so the final answer is the
+model's own; stop at EOS, at max_new_tokens, or when some 30-token window has occurred 5 times
+(checked every 100 tokens). β = 0 in linear mode is the "self-distillation" baseline (pure hint
+stream).
+
+Unlike the authors' demo (two model copies, batch 1, two forwards per token, no KV cache, so
+every step recomputes the whole prefix), `hinted_generate` stacks the B hint rows and the B
+plain rows of a batch into one batch of 2B rows through one copy of the weights, with a static
+KV cache, left padding and per-row positions (model.KVCache): one forward per token for all
+rows. When a quarter of the examples still in the batch have finished, their rows are dropped
+from the batch and the cache. On CUDA the one-token forward is compiled with CUDA graphs.
+
+The pipeline (`python hinted_decode.py --data FILE.jsonl --out OUT.jsonl`):
+  1. the model answers every question plainly; answers that verify are kept ("on_policy");
+  2. the failures are rewritten by hinted decoding; 3. rewrites that verify are kept
+  ("hinted"), the others are recorded as "failed"; 4. each record carries the φ statistics
+  (ddt.py) of the new response and of the reference under the plain prompt.
+`python hinted_decode.py` alone runs a demo on the bundled model.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import Example, UserError, answers_match, encode_example, extract_answer, find_answer, load_examples
+from ddt import score_examples
+from model import KVCache, Transformer, generate, left_pad, sample_next
+
+MODES = ("linear", "sigmoid", "piecewise")
+REPETITION_WINDOW, REPETITION_COUNT, REPETITION_EVERY = 30, 5, 100
+COMPACT_FRACTION = 0.25  # drop finished rows once this share of the batch has finished
+PREFILL_ROWS = 16  # prompt rows run through the model at once: bounds the prefill's activations
+ANALYSIS_HEADER = "# CoT"  # the analysis prefix is cut at the last line starting with this
+
+HINT_TEMPLATE = """I'm giving you a problem together with a worked solution that is known to be correct.
+
+Problem:
+{question}
+
+Worked solution:
+{reference}
+
+{task}"""
+HINT_TASK = (
+    "Now solve the problem yourself, step by step, in your own words, the way you would "
+    "if you had never seen the worked solution. Reach the same final answer, and state it "
+    "at the end in the same format the worked solution uses. Do not mention, quote or "
+    "refer to the worked solution."
+)
+HINT_TASK_ANALYSIS = (
+    "Write two sections. First, under the header '# Analysis', go briefly through the worked "
+    "solution and note its key steps. Then, under the header '# CoT', solve the problem "
+    "yourself, step by step, in your own words, as if you had never seen the worked solution; "
+    "reach the same final answer and state it at the end in the same format the worked "
+    "solution uses. The '# CoT' section must not mention the worked solution."
+)
+SPLITTERS = {"####": "####", "boxed": "\\boxed{"}  # find_answer's rule -> the text that switches streams
+
+DEMO_QUESTION = (
+    "A baker makes 36 muffins in the morning and twice as many in the afternoon. She sells 50 "
+    "of them. How many muffins does she have left? Give the result as your final answer. "
+    "Do not include units."
+)
+DEMO_REFERENCE = (
+    "In the afternoon she makes 2 * 36 = 72 muffins.\n"
+    "Altogether she makes 36 + 72 = 108 muffins.\n"
+    "After selling 50 she has 108 - 50 = 58 muffins left.\n"
+    "#### 58"
+)
+
+
+# ---- The mixing rule ---------------------------------------------------------------------------
+
+
+def mixing_weight(h: torch.Tensor, beta: float, mode: str = "linear", sigmoid_center: float = 0.5,
+                  piecewise_bounds: tuple[float, float] = (0.3, 0.7)) -> torch.Tensor:
+    """λ from the hint stream's normalized entropy h ([B] tensor): the weight of the plain stream."""
+    if mode == "linear":
+        return (beta * h).clamp(0.0, 1.0)
+    if mode == "sigmoid":
+        return torch.sigmoid(beta * (h - sigmoid_center))
+    if mode == "piecewise":
+        h1, h2 = piecewise_bounds
+        return ((h - h1) / (h2 - h1)).clamp(0.0, 1.0)
+    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+def mix_step(hint_logits, plain_logits, lam_override, log_vocab, beta, mode, sigmoid_center, piecewise_bounds):
+    """z = (1 − λ) log p + λ log q for [B, V] logits; λ = lam_override where it is not NaN."""
+    log_p = torch.log_softmax(hint_logits.float(), dim=-1)
+    log_q = torch.log_softmax(plain_logits.float(), dim=-1)
+    h = -(log_p.exp() * log_p).sum(-1) / log_vocab  # H(p) / log|V|, H as in SPEC §2
+    lam = mixing_weight(h, beta, mode, sigmoid_center, piecewise_bounds)
+    lam = torch.where(lam_override.isnan(), lam, lam_override)
+    return (1.0 - lam)[:, None] * log_p + lam[:, None] * log_q
+
+
+def repeats(tokens: list[int], window: int = REPETITION_WINDOW, count: int = REPETITION_COUNT) -> bool:
+    """Has some run of `window` consecutive tokens occurred at least `count` times?"""
+    seen = Counter(tuple(tokens[i:i + window]) for i in range(len(tokens) - window + 1))
+    return bool(seen) and max(seen.values()) >= count
+
+
+# ---- Batched two-stream decoding ---------------------------------------------------------------
+
+_compiled_forward = None
+
+
+def last_logits(model: Transformer, tokens, slots, cache: KVCache) -> torch.Tensor:
+    """Logits of each row's last position only (the prefill never needs [rows, T, V])."""
+    return F.linear(model.hidden_states(tokens, slots, cache)[:, -1], model.output_weight)
+
+
+def decode_forward(compiled: bool):
+    """The one-token forward; on CUDA compiled once per process with CUDA graphs (static
+    shapes: a new shape, after a compaction, is captured once more). Untested: no GPU here."""
+    global _compiled_forward
+    if not compiled:
+        return last_logits
+    if _compiled_forward is None:
+        _compiled_forward = torch.compile(last_logits, mode="reduce-overhead", fullgraph=True)
+    return _compiled_forward
+
+
+def prefill(model: Transformer, tokens, cache: KVCache) -> torch.Tensor:
+    """Run the left-padded prompts [R, W] into the cache, PREFILL_ROWS rows at a time; the row
+    slices of the cache are views, so each chunk writes its rows of the one shared cache."""
+    slots = torch.arange(tokens.shape[1], device=tokens.device)
+    out = []
+    for r in range(0, tokens.shape[0], PREFILL_ROWS):
+        rows = slice(r, r + PREFILL_ROWS)
+        part = KVCache(cache.k[:, rows], cache.v[:, rows], cache.pad[rows])
+        out.append(last_logits(model, tokens[rows], slots, part))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_prompts: list[list[int]], *,
+                    beta: float, mode: str = "linear", max_new_tokens: int, eos_id=None,
+                    temperature: float = 0.0, top_p: float = 1.0, first_from_hint: bool = True,
+                    splitter=None, tokenizer=None, seed=None, sigmoid_center: float = 0.5,
+                    piecewise_bounds: tuple[float, float] = (0.3, 0.7), repetition_stop: bool = True,
+                    compile: bool | None = None) -> tuple[list[list[int]], list[str]]:
+    """Hinted decoding of B examples at once.
+
+    hint_prompts[b] / plain_prompts[b]: token ids of example b's two prompts (chat-templated,
+    ending where the response starts). splitter: None, one string for every example, or one
+    string (or None) per example; it needs `tokenizer` (anything with decode(ids) -> str) to
+    read the text. |V| for h is tokenizer.vocab_size, or the model's vocabulary without one.
+    repetition_stop=False decodes on through repeated windows (benchmarks with fixed lengths).
+    compile: compile the decode step (default: on CUDA only).
+
+    Returns (tokens, finish): tokens[b] are the new ids, up to and including EOS when it is
+    produced; finish[b] is "eos", "length" or "repetition".
+    """
+    B = len(hint_prompts)
+    if B == 0 or len(plain_prompts) != B:
+        raise ValueError(f"need the same non-zero number of hint and plain prompts, got {B} and {len(plain_prompts)}")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    splitters = list(splitter) if isinstance(splitter, (list, tuple)) else [splitter] * B
+    if len(splitters) != B:
+        raise ValueError(f"got {len(splitters)} splitters for {B} examples")
+    if any(splitters) and tokenizer is None:
+        raise ValueError("a splitter is matched on the decoded text: pass tokenizer= as well")
+    device = model.output_weight.device
+    compile = device.type == "cuda" if compile is None else compile
+    forward = decode_forward(compile)
+    log_vocab = math.log(tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    # Rows 0..B−1 are the hint streams, rows B..2B−1 the plain streams, in one left-padded batch.
+    tokens, pad = left_pad(list(hint_prompts) + list(plain_prompts), 0, device)
+    width = tokens.shape[1]
+    cache = model.new_cache(pad, width + max_new_tokens)
+    if compile:  # CUDA graphs may then keep reading and writing the cache where it is
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
+    logits = prefill(model, tokens, cache)
+
+    out = [[] for _ in range(B)]
+    finish = [None] * B
+    switched = [False] * B  # the splitter has appeared: the plain stream alone from now on
+    active = list(range(B))  # the example behind each row pair still in the batch
+    for step in range(max_new_tokens):
+        n = len(active)
+        lam = [1.0 if switched[b] else 0.0 if step == 0 and first_from_hint else math.nan for b in active]
+        z = mix_step(logits[:n], logits[n:], torch.tensor(lam, device=device), log_vocab,
+                     beta, mode, sigmoid_center, piecewise_bounds)
+        nxt = sample_next(z, temperature, top_p, generator)
+        for b, t in zip(active, nxt.tolist()):
+            if finish[b] is not None:  # a finished row that is still in the batch: ignore it
+                continue
+            out[b].append(t)
+            if t == eos_id:
+                finish[b] = "eos"
+            elif len(out[b]) == max_new_tokens:
+                finish[b] = "length"
+            elif repetition_stop and len(out[b]) % REPETITION_EVERY == 0 and repeats(out[b]):
+                finish[b] = "repetition"
+            elif splitters[b] and not switched[b]:
+                # the newest text can only complete a first occurrence in its last len(splitter) bytes
+                tail = out[b][-len(splitters[b].encode("utf-8")):]
+                switched[b] = splitters[b] in tokenizer.decode(tail)
+        keep = [i for i, b in enumerate(active) if finish[b] is None]
+        if not keep:
+            break
+        if n - len(keep) >= COMPACT_FRACTION * n:
+            idx = torch.tensor(keep, device=device)
+            rows = torch.cat([idx, idx + n])
+            cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.pad[rows])
+            if compile:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+            nxt, active = nxt[idx], [active[i] for i in keep]
+        slot = torch.tensor([width + step], device=device)
+        logits = forward(model, torch.cat([nxt, nxt])[:, None], slot, cache).float()
+    return out, finish
+
+
+# ---- Prompts -----------------------------------------------------------------------------------
+
+
+def question_of(example: Example) -> str:
+    """The last user message: the question the response answers."""
+    return next(m["content"] for m in reversed(example.prompt) if m["role"] == "user")
+
+
+def hint_messages(example: Example, analysis: bool = False) -> list[dict]:
+    """The example's chat with the last user turn replaced by the hint (question + reference)."""
+    last_user = max(i for i, m in enumerate(example.prompt) if m["role"] == "user")
+    hint = HINT_TEMPLATE.format(question=example.prompt[last_user]["content"], reference=example.response,
+                                task=HINT_TASK_ANALYSIS if analysis else HINT_TASK)
+    return [*example.prompt[:last_user], {"role": "user", "content": hint}, *example.prompt[last_user + 1:]]
+
+
+def cut_analysis(text: str) -> str | None:
+    """The analysis prefix: text up to and including the last line that starts with the
+    '# CoT' header, or None when there is no such header."""
+    lines = text.splitlines(keepends=True)
+    last = max((i for i, line in enumerate(lines) if line.lstrip().startswith(ANALYSIS_HEADER)), default=None)
+    if last is None:
+        return None
+    prefix = "".join(lines[:last + 1])
+    return prefix if prefix.endswith("\n") else prefix + "\n"
+
+
+def auto_splitter(example: Example) -> str | None:
+    """The splitter that matches how the reference states its answer ('####' or '\\boxed{')."""
+    return SPLITTERS.get(find_answer(example.response)[1])
+
+
+def strip_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:-1] if ids and ids[-1] == eos_id else ids
+
+
+def accept(text: str, finish: str, gold: str) -> bool:
+    """Keep a response only if the model ended it (EOS) and its final answer verifies."""
+    return finish == "eos" and answers_match(extract_answer(text), gold)
+
+
+# ---- φ statistics of a response under the plain prompt ----------------------------------------
+
+PHI_KEYS = ("n_tokens", "phi_mean", "z", "share_phi_gt_-1", "share_phi_gt_-3", "share_phi_gt_-5")
+
+
+def phi_stats(model: Transformer, tokenizer, prompt: list[dict], response: str) -> dict:
+    """Average φ, z and the shares of φ_t > −1/−3/−5 of `response` as training will see it
+    (data.encode_example: chat prompt, response, end of turn), scored by ddt.py."""
+    seq = encode_example(tokenizer, Example("", prompt, response, None, 0, ""))
+    row = score_examples(model, [seq], tokenizer.pad_id, batch_size=1)[0]
+    return {k: row[k] for k in PHI_KEYS}
+
+
+# ---- Output file: append-only, resumable -------------------------------------------------------
+
+
+def failed_path(out: Path) -> Path:
+    """Failed rewrites go next to --out (OUT.failed.jsonl), so --out holds only training data."""
+    return out.with_name(out.stem + ".failed" + (out.suffix or ".jsonl"))
+
+
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """Complete records of an output file, and the byte length up to the last complete line.
+
+    A last line without its newline is what a crash in the middle of a write leaves: it is not
+    a record (the caller cuts it off before appending); its example is simply done again.
+    """
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    records = []
+    for lineno, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path}:{lineno}: not a JSON record (was this file written by hinted_decode.py?)") from None
+        if not isinstance(rec, dict) or "id" not in rec or "prompt" not in rec:
+            raise UserError(f"{path}:{lineno}: not a hinted_decode.py record (no 'id' or 'prompt' field)")
+        rec["_line"] = lineno
+        records.append(rec)
+    return records, end
+
+
+def check_resume(examples: list[Example], files: dict) -> dict[str, dict]:
+    """Records already written, by example id; refuse files written from another --data."""
+    by_id = {ex.id: ex for ex in examples}
+    done = {}
+    for path, (records, _) in files.items():
+        for rec in records:
+            where = f"{path}:{rec.pop('_line')}"
+            ex = by_id.get(str(rec["id"]))
+            if ex is None or rec["prompt"] != ex.prompt:
+                raise UserError(f"{where}: record {rec['id']!r} is not an example of --data {examples[0].source} "
+                                f"(was this output written from another file?); choose another --out")
+            if ex.id in done:
+                raise UserError(f"{where}: example {ex.id!r} is recorded twice; choose another --out")
+            done[ex.id] = rec
+    return done
+
+
+def repair_torn_tail(path: Path, end: int):
+    if path.exists() and path.stat().st_size > end:
+        print(f"{path}: dropping an incomplete last line ({path.stat().st_size - end} bytes) "
+              "left by an interrupted run; its example is done again", file=sys.stderr)
+        os.truncate(path, end)
+
+
+def append_record(f, record: dict):
+    """One record per line, flushed at once: an interruption loses at most the line being written."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+# ---- The pipeline ------------------------------------------------------------------------------
+
+
+def make_record(model, tokenizer, ex: Example, text: str | None, source: str, finish: str,
+                reference_phi: dict) -> dict:
+    """One output line; text None: no response was written (the analysis step failed).
+    "prompt" + "response" + "final_answer" make it a valid --data line for train.py."""
+    return {
+        "id": ex.id, "prompt": ex.prompt, "response": text or "", "final_answer": ex.answer,
+        "question": question_of(ex), "reference": ex.response, "source": source, "finish_reason": finish,
+        "predicted_answer": None if text is None else extract_answer(text),
+        "phi": None if text is None else phi_stats(model, tokenizer, ex.prompt, text),
+        "phi_reference": reference_phi,
+    }
+
+
+def rewrite_batch(model, tokenizer, batch: list[Example], args, seed, write):
+    """Steps 1-4 of the pipeline for one batch; `write(record)` appends a record."""
+    eos = tokenizer.eos_id
+    plain = [tokenizer.encode_chat(ex.prompt, add_generation_prompt=True) for ex in batch]
+    own = generate(model, plain, args.max_new_tokens, eos_id=eos, temperature=args.temperature,
+                   top_p=args.top_p, seed=seed)
+    ref_phi = {ex.id: phi_stats(model, tokenizer, ex.prompt, ex.response) for ex in batch}
+    todo = []
+    for ex, ids, prompt in zip(batch, own, plain):
+        text = tokenizer.decode(strip_eos(ids, eos))
+        finish = "eos" if ids[-1] == eos else "length"
+        if accept(text, finish, ex.answer):
+            write(make_record(model, tokenizer, ex, text, "on_policy", finish, ref_phi[ex.id]))
+        else:
+            todo.append((ex, prompt))
+    if not todo:
+        return
+
+    hints = [tokenizer.encode_chat(hint_messages(ex, args.analysis), add_generation_prompt=True) for ex, _ in todo]
+    if args.analysis:  # greedy "# Analysis ... # CoT" prefix, cut at the last '# CoT' header
+        drafts = generate(model, hints, args.analysis_max_tokens, eos_id=eos)
+        kept = []
+        for (ex, prompt), hint, draft in zip(todo, hints, drafts):
+            prefix = cut_analysis(tokenizer.decode(strip_eos(draft, eos)))
+            if prefix is None:
+                print(f"{ex.source}:{ex.line}: no '{ANALYSIS_HEADER}' header in the analysis; skipped", file=sys.stderr)
+                write(make_record(model, tokenizer, ex, None, "failed", "no_analysis", ref_phi[ex.id]))
+            else:
+                kept.append(((ex, prompt), hint + tokenizer.encode(prefix)))
+        if not kept:
+            return
+        todo, hints = [k[0] for k in kept], [k[1] for k in kept]
+
+    splitters = [auto_splitter(ex) if args.splitter == "auto" else args.splitter for ex, _ in todo]
+    new, finishes = hinted_generate(
+        model, hints, [p for _, p in todo], beta=args.beta, mode=args.mode, max_new_tokens=args.max_new_tokens,
+        eos_id=eos, temperature=args.temperature, top_p=args.top_p, splitter=splitters, tokenizer=tokenizer,
+        seed=seed, sigmoid_center=args.sigmoid_center, piecewise_bounds=tuple(args.piecewise_bounds))
+    for (ex, _), ids, finish in zip(todo, new, finishes):
+        text = tokenizer.decode(strip_eos(ids, eos))
+        source = "hinted" if accept(text, finish, ex.answer) else "failed"
+        write(make_record(model, tokenizer, ex, text, source, finish, ref_phi[ex.id]))
+
+
+def summarize(records: list[dict], seconds: float, n_run: int):
+    counts = Counter(r["source"] for r in records)
+    print("sources: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in ("on_policy", "hinted", "failed")))
+    kept = [r for r in records if r["source"] != "failed" and r["phi"] and r["phi_reference"]]
+    if kept:
+        mean = lambda key, field: sum(r[key][field] for r in kept) / len(kept)
+        print(f"kept {len(kept)}: average φ {mean('phi_reference', 'phi_mean'):+.3f} -> {mean('phi', 'phi_mean'):+.3f}, "
+              f"z {mean('phi_reference', 'z'):+.2f} -> {mean('phi', 'z'):+.2f} (reference -> new response)")
+    if n_run:
+        print(f"{n_run} examples in {seconds:.1f} s ({n_run / seconds:.3f} examples/s)")
+
+
+def run_pipeline(args) -> int:
+    from tqdm import tqdm
+
+    from tokenizer import Tokenizer
+
+    examples = load_examples(args.data)[:args.limit]
+    for ex in examples:
+        if ex.answer is None:
+            raise UserError(f"{ex.source}:{ex.line}: no reference final answer (write '#### N' or \\boxed{{...}} "
+                            "in the solution, or add a 'final_answer' field)")
+        if not any(m["role"] == "user" for m in ex.prompt):
+            raise UserError(f"{ex.source}:{ex.line}: no user message: the question to answer is missing")
+    out, failed = Path(args.out), failed_path(Path(args.out))
+    if Path(args.data).resolve() in (out.resolve(), failed.resolve()):
+        raise UserError(f"--out {out}: would write into --data itself; choose another --out")
+    files = {path: read_records(path) for path in (out, failed)}
+    done = check_resume(examples, files)
+    todo = [ex for ex in examples if ex.id not in done]
+    print(f"{len(examples)} examples, {len(done)} already in {out}, {len(todo)} to do", file=sys.stderr)
+    if todo:
+        tokenizer = Tokenizer.from_pretrained(args.model)
+        model = Transformer.from_pretrained(args.model, device=args.device)
+        for path, (_, end) in files.items():
+            repair_torn_tail(path, end)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        records = list(done.values())
+        start = time.perf_counter()
+        with open(out, "a", encoding="utf-8", newline="\n") as f_out, \
+                open(failed, "a", encoding="utf-8", newline="\n") as f_failed, \
+                tqdm(total=len(todo), unit="ex", disable=args.quiet) as bar:
+
+            def write(record):
+                append_record(f_failed if record["source"] == "failed" else f_out, record)
+                records.append(record)
+                bar.update(1)
+
+            try:
+                for i in range(0, len(todo), args.batch_size):
+                    seed = None if args.seed is None else args.seed + i
+                    rewrite_batch(model, tokenizer, todo[i:i + args.batch_size], args, seed, write)
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: {len(records) - len(done)} new records kept in {out} and {failed}; "
+                      "rerun the same command to continue", file=sys.stderr)
+                return 130
+        summarize(records, time.perf_counter() - start, len(records) - len(done))
+    else:
+        summarize(list(done.values()), 0.0, 0)
+    print(f"wrote {out} (training data) and {failed}")
+    return 0
+
+
+# ---- Demo --------------------------------------------------------------------------------------
+
+
+def run_demo(args) -> int:
+    """The authors' demo, ours: one problem, the reference and three responses, each scored."""
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    model = Transformer.from_pretrained(args.model, device=args.device)
+    ex = Example("demo", [{"role": "user", "content": DEMO_QUESTION}], DEMO_REFERENCE, "58", 0, "demo")
+    eos = tokenizer.eos_id
+    plain = tokenizer.encode_chat(ex.prompt, add_generation_prompt=True)
+    hint = tokenizer.encode_chat(hint_messages(ex), add_generation_prompt=True)
+    splitter = auto_splitter(ex) if args.splitter == "auto" else args.splitter
+    knobs = dict(max_new_tokens=args.max_new_tokens, eos_id=eos, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed)
+    [own] = generate(model, [plain], **knobs)
+    hinted = {}
+    for beta in (0.0, args.beta):
+        [ids], _ = hinted_generate(model, [hint], [plain], beta=beta, mode=args.mode, splitter=splitter,
+                                   tokenizer=tokenizer, sigmoid_center=args.sigmoid_center,
+                                   piecewise_bounds=tuple(args.piecewise_bounds), **knobs)
+        hinted[beta] = ids
+    print(f"Question: {DEMO_QUESTION}\n")
+    shown = [("reference solution", ex.response),
+             ("the model's own answer", tokenizer.decode(strip_eos(own, eos))),
+             ("β = 0 rewrite (hint stream alone)", tokenizer.decode(strip_eos(hinted[0.0], eos))),
+             (f"hinted rewrite (β = {args.beta:g}, {args.mode})", tokenizer.decode(strip_eos(hinted[args.beta], eos)))]
+    for title, text in shown:
+        s = phi_stats(model, tokenizer, ex.prompt, text)
+        verdict = "correct" if answers_match(extract_answer(text), ex.answer) else "wrong"
+        print(f"=== {title}: average φ {s['phi_mean']:+.3f}, z {s['z']:+.2f}, answer {verdict} ===\n{text}\n")
+    return 0
+
+
+# ---- Command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    from hub import BUNDLED_NAME
+
+    ap = argparse.ArgumentParser(
+        description="Rewrite reference solutions into the model's own words with hinted decoding "
+                    "(SPEC §4). Without --data: a demo on one built-in problem.",
+        epilog="Output: --out gets the kept examples (source on_policy or hinted), a valid --data file for "
+               "train.py; OUT.failed.jsonl next to it gets the rest. Records are appended one by one: "
+               "rerunning with the same --out continues where a run stopped (ids from --data); an --out "
+               "written from another --data is refused.")
+    ap.add_argument("--data", help="JSONL training data (GSM8K, prompt/response or messages format)")
+    ap.add_argument("--out", help="JSONL output (required with --data)")
+    ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
+    ap.add_argument("--beta", type=float, default=3.0, help="β of the λ rule (default 3; 0 = hint stream alone)")
+    ap.add_argument("--mode", choices=MODES, default="linear", help="λ rule (default linear: clamp(β·h, 0, 1))")
+    ap.add_argument("--sigmoid-center", type=float, default=0.5, help="c of the sigmoid mode")
+    ap.add_argument("--piecewise-bounds", type=float, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"))
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 512 (demo: 256)")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples decoded together (2 rows each)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (default); the authors' demo uses --top-p 0.95 --temperature 0.3")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (the batch that starts at the i-th example still to do uses seed + i)")
+    ap.add_argument("--splitter", default="auto",
+                    help="text after which the plain stream decodes alone; 'auto' (default): '####' or "
+                         "'\\boxed{' from the reference's answer format; 'none': never switch")
+    ap.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=False,
+                    help="first write a greedy '# Analysis' prefix, cut at the last '# CoT' header "
+                         "(default off: small models rarely write the headers)")
+    ap.add_argument("--analysis-max-tokens", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N examples of --data")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.splitter == "none":
+        args.splitter = None
+    return args
+
+
+def check_args(args):
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 512 if args.data else 256
+    if args.data is None and args.out is not None:
+        raise UserError("--out needs --data")
+    if args.data is not None and args.out is None:
+        raise UserError("--data needs --out")
+    for name in ("max_new_tokens", "batch_size", "analysis_max_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("need --temperature >= 0 and 0 < --top-p <= 1")
+    if args.mode == "piecewise" and not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
+        raise UserError("--piecewise-bounds H1 H2 needs H1 < H2")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        return run_pipeline(args) if args.data else run_demo(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

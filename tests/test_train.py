@@ -1,0 +1,241 @@
+"""train.py on a tiny random model: the loss, the step, accumulation, resume, DDP, bad data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import train
+from data import encode_example, load_examples
+from tokenizer import Tokenizer
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+QUESTIONS = [
+    ("Natalia sold 48 clips in April and half as many in May. How many in total?",
+     "In May she sold 48 / 2 = 24 clips.\nIn total she sold 48 + 24 = 72 clips.\n#### 72"),
+    ("What is 7 times 6?", "7 * 6 = 42\n#### 42"),
+    ("A box has 3 red and 5 blue balls. How many balls?", "3 + 5 = 8\n#### 8"),
+    ("Tom had 10 apples and ate 4. How many are left? Give the result as your final answer.",
+     "He has 10 - 4 = 6 apples left, because eating removes them one at a time from the basket.\n#### 6"),
+    ("What is 100 divided by 4?", "100 / 4 = 25\n#### 25"),
+    ("Sam reads 12 pages a day for 5 days. How many pages?", "12 * 5 = 60 pages.\n#### 60"),
+    ("What is 9 plus 16?", "9 + 16 = 25\n#### 25"),
+    ("A class has 30 students; 12 are boys. How many girls?", "30 - 12 = 18 girls.\n#### 18"),
+]
+
+
+def write_data(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    return path
+
+
+def run(args, tmp_path, *extra):
+    return train.main([*map(str, args), *map(str, extra)])
+
+
+def base_args(tiny_model_dir, data, out, **kw):
+    args = ["--model", tiny_model_dir, "--data", data, "--out", out, "--lr", "3e-3", "--lr-warmup-ratio", "0",
+            "--batch-size", "4", "--micro-batch-size", "2", "--max-len", "256", "--seed", "0"]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    return [str(a) for a in args]
+
+
+def final_weights(out):
+    latest = (out / "latest").read_text().strip()
+    return load_file(out / latest / "model.safetensors")
+
+
+def losses(out):
+    return [r["loss"] for r in train.read_metrics(out) if "loss" in r]
+
+
+def mean_token_prob(model_dir, data):
+    """Mean p_t(y_t) over the response tokens of `data`, computed here with transformers."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = Tokenizer.from_pretrained(model_dir)
+    probs = []
+    with torch.no_grad():
+        for ex in load_examples(data):
+            ids, n_prompt = encode_example(tok, ex)
+            p = hf(torch.tensor([ids])).logits[0, :-1].softmax(-1)
+            probs.append(p[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][n_prompt - 1:])
+    return torch.cat(probs).mean().item()
+
+
+@pytest.mark.parametrize("method", ["sft", "dft", "eaft", "idft", "idft_v1"])
+def test_loss_goes_down(method, tiny_model_dir, tmp_path):
+    # One batch, seen every step: it must be learned. Each method's weighted loss is logged and
+    # must fall; DFT's logged value −p·log p is not monotone in p (it rises up to p = 1/e), so
+    # for every method the test also checks the data's mean token probability p_t(y_t) — the
+    # quantity all five gradients −w ∇log p push up — against the untrained model.
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS[:4])
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny_model_dir, data, out, loss=method, max_steps=8)) == 0
+    curve = losses(out)
+    assert len(curve) == 8
+    if method != "dft":
+        assert curve[-1] < 0.5 * curve[0], curve
+    before, after = mean_token_prob(tiny_model_dir, data), mean_token_prob(out / (out / "latest").read_text().strip(), data)
+    assert after > 5 * before, (before, after)
+
+
+def test_sft_step_matches_handwritten_reference(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS[:4])
+    out = tmp_path / "run"
+    lr, wd = 1e-3, 0.01
+    assert train.main(base_args(tiny_model_dir, data, out, loss="sft", max_steps=1, lr=lr, grad_clip=0,
+                                weight_decay=wd)) == 0
+    # The reference: transformers' model, mean cross-entropy over response tokens, plain AdamW.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    total, count = 0.0, 0
+    for ex in load_examples(data):
+        ids, n_prompt = encode_example(tok, ex)
+        logits = hf(torch.tensor([ids])).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        total, count = total + nll[n_prompt - 1:].sum(), count + len(ids) - n_prompt
+    (total / count).backward()
+    assert losses(out) == [pytest.approx((total / count).item(), rel=1e-5)]  # Adam hides a scale bug: check it here
+    matrices = [p for p in hf.parameters() if p.ndim >= 2]
+    vectors = [p for p in hf.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": wd}, {"params": vectors, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    opt.step()
+    ours = final_weights(out)
+    ref = hf.state_dict()
+    for name, tensor in ours.items():
+        # Adam's first step is ±lr wherever |g| ≫ eps; a wrong mask or shift flips signs (2e-3
+        # apart), float32 summation order only moves elements whose g is near eps.
+        assert torch.allclose(tensor, ref[name], atol=1e-5, rtol=0), name
+
+
+def test_gradient_accumulation_with_uneven_lengths(tiny_model_dir, tmp_path):
+    rows = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[3], QUESTIONS[6]]  # response lengths differ a lot
+    data = write_data(tmp_path / "d.jsonl", rows)
+    common = dict(loss="idft", max_steps=1, grad_clip=0)
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "whole", **common, micro_batch_size=4)) == 0
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "micro", **common, micro_batch_size=1)) == 0
+    whole, micro = final_weights(tmp_path / "whole"), final_weights(tmp_path / "micro")
+    for name in whole:
+        assert torch.allclose(whole[name], micro[name], atol=1e-6, rtol=0), name
+    assert losses(tmp_path / "whole") == pytest.approx(losses(tmp_path / "micro"), rel=1e-6)
+
+
+def test_interrupt_and_resume_is_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)  # 2 steps per epoch: the run crosses epochs
+    args = dict(loss="idft", max_steps=6, warmup_ratio=0.3, transition_ratio=0.3, save_every=100)
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "straight", **args)) == 0
+
+    # Ctrl-C during step 3 (raised where the step begins): train.py saves step 3 and exits 130.
+    real_lr = train.learning_rate
+
+    def interrupt_at_3(step, *a):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr(step, *a)
+
+    monkeypatch.setattr(train, "learning_rate", interrupt_at_3)
+    out = tmp_path / "resumed"
+    assert train.main(base_args(tiny_model_dir, data, out, **args)) == 130
+    assert (out / "latest").read_text().strip().endswith("step-0000003")
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    assert train.main(base_args(tiny_model_dir, data, out, **args)) == 2  # no silent restart over a run
+    assert train.main(base_args(tiny_model_dir, data, out, **args) + ["--resume"]) == 0
+
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(out)
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert losses(out) == losses(tmp_path / "straight")
+    lams = [r["lambda"] for r in train.read_metrics(out) if "lambda" in r]
+    assert lams == [r["lambda"] for r in train.read_metrics(tmp_path / "straight") if "lambda" in r]
+
+
+def test_checkpoint_loads_in_transformers(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS[:4])
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny_model_dir, data, out, max_steps=2)) == 0
+    ckpt = out / (out / "latest").read_text().strip()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.pt"):
+        assert (ckpt / f).is_file(), f
+    from model import Transformer
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    ours = Transformer.from_pretrained(ckpt)
+    tokens = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-4
+    assert train.plot_run(out).is_file()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS[:4])
+    out = tmp_path / "run"
+    real = train.idft.chunked_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        loss, n, toks = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 4 else loss), n, toks  # NaN from step 3 on
+
+    monkeypatch.setattr(train.idft, "chunked_loss", poisoned)
+    assert train.main(base_args(tiny_model_dir, data, out, max_steps=5, save_every=1)) == 1
+    assert (out / "latest").read_text().strip().endswith("step-0000002")
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_equal_one(sharding, tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)
+    common = base_args(tiny_model_dir, data, tmp_path / "ddp", max_steps=2, micro_batch_size=1) + sharding
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *common]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "single", max_steps=2, micro_batch_size=1)) == 0
+    one, two = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=2e-6, rtol=0), name
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "q", "answer": "a"\n', r"d.jsonl:2: .*JSON"),
+    ('{"question": "q"}\n', r"d.jsonl:2: .*answer"),
+    ('{"question": "q", "answer": ""}\n', r"d.jsonl:2: .*answer"),
+    ('{"question": 7, "answer": "a"}\n', r"d.jsonl:2: .*question"),
+])
+def test_bad_data_is_a_clear_error(line, message, tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "ok", "answer": "fine #### 1"}) + "\n" + line)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *base_args(tiny_model_dir, data, tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ")
+    import re
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.bundled
+def test_bundled_model_trains_two_steps_on_generated_data(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_gsm8k.py"), "--out-dir", tmp_path / "data",
+                    "--n-train", "8", "--n-test", "4", "--n-heldout", "4"], env=env, check=True, timeout=300)
+    out = tmp_path / "run"
+    code = train.main(["--data", str(tmp_path / "data" / "train.jsonl"), "--out", str(out), "--max-steps", "2",
+                       "--batch-size", "2", "--micro-batch-size", "1", "--max-len", "512", "--save-every", "2"])
+    assert code == 0
+    rows = [r for r in train.read_metrics(out) if "loss" in r]
+    assert len(rows) == 2 and all(0 < r["loss"] < 20 for r in rows)
