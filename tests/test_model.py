@@ -175,3 +175,25 @@ def test_missing_config(good_dir):
     (good_dir / "config.json").unlink()
     with pytest.raises(Exception, match="config.json"):
         Transformer.from_pretrained(good_dir)
+
+
+# ---- the bundled real model ---------------------------------------------------------------------
+
+
+@pytest.mark.bundled
+def test_bundled_model_answers_paris_and_matches_transformers_gguf_loader():
+    import hub
+    from tokenizer import Tokenizer
+
+    ours = Transformer.from_pretrained(hub.BUNDLED_NAME)
+    tok = Tokenizer.from_pretrained(hub.BUNDLED_NAME)
+    prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    [reply] = generate(ours, [prompt], max_new_tokens=24, eos_id=tok.eos_id)
+    assert "Paris" in tok.decode(reply)
+    assert reply[-1] == tok.eos_id  # a complete answer, not an immediate or missing end of turn
+
+    gguf = hub.bundled_gguf_path()  # transformers dequantizes the GGUF itself: an independent conversion
+    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokens = torch.tensor([prompt + reply])
+    with torch.no_grad():
+        assert (ref.eval()(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
