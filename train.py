@@ -322,7 +322,7 @@ def train(args) -> int:
 
     # Where we start from: a fresh model, or the latest checkpoint of this run.
     resume_dir = latest_checkpoint(out) if args.resume else None
-    if not args.resume and (out / "latest").exists():
+    if not args.resume and ((out / "latest").exists() or (out / "metrics.jsonl").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and resume_dir is None:
         log(f"no checkpoint in {out}: starting a new run")
@@ -368,6 +368,8 @@ def train(args) -> int:
     else:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
+        if main_process and args.resume:  # a run that crashed before its first checkpoint: restart its log
+            keep_metrics_until(out, 0)
     compile_step = args.compile if args.compile is not None else cuda
     step_fn = torch.compile(loss_head) if compile_step else loss_head
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
