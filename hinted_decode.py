@@ -36,9 +36,16 @@ from the batch and the cache. On CUDA the one-token forward is compiled with CUD
 
 The pipeline (`python hinted_decode.py --data FILE.jsonl --out OUT.jsonl`):
   1. the model answers every question plainly; answers that verify are kept ("on_policy");
-  2. the failures are rewritten by hinted decoding; 3. rewrites that verify are kept
-  ("hinted"), the others are recorded as "failed"; 4. each record carries the φ statistics
-  (ddt.py) of the new response and of the reference under the plain prompt.
+  2. the failures are rewritten by hinted decoding (optionally after a greedy "# Analysis"
+  prefix, cut at the last "# CoT" header); 3. rewrites that verify are kept ("hinted"), the
+  others are recorded as "failed"; 4. each record carries the φ statistics (ddt.py: average
+  φ, z, shares of φ_t above −1/−3/−5) of the new response and of the reference, both scored
+  under the plain prompt exactly as training will tokenize them.
+"Verify" = the response ended with EOS and data.answers_match(data.extract_answer(response),
+gold), the one answer check eval.py uses too. Kept records go to OUT.jsonl, a valid --data
+file for train.py; failed ones to OUT.failed.jsonl. Records are appended and flushed one by
+one; a rerun skips the example ids already in either file, cuts off a torn last line left by
+a crash, and refuses files whose records are not examples of --data.
 `python hinted_decode.py` alone runs a demo on the bundled model.
 """
 
@@ -154,15 +161,20 @@ def decode_forward(compiled: bool):
     return _compiled_forward
 
 
-def prefill(model: Transformer, tokens, cache: KVCache) -> torch.Tensor:
-    """Run the left-padded prompts [R, W] into the cache, PREFILL_ROWS rows at a time; the row
-    slices of the cache are views, so each chunk writes its rows of the one shared cache."""
+def prefill(model: Transformer, tokens, cache: KVCache, n_hint: int) -> torch.Tensor:
+    """Run the left-padded prompts [R, W] into the cache, PREFILL_ROWS rows at a time, hint rows
+    and plain rows apart. A chunk starts at its first slot that is not padding in every row:
+    the short plain prompts do not pay for the width of the long hint prompts. Row slices of
+    the cache are views, so each chunk writes its rows of the one shared cache."""
+    R = tokens.shape[0]
     slots = torch.arange(tokens.shape[1], device=tokens.device)
     out = []
-    for r in range(0, tokens.shape[0], PREFILL_ROWS):
-        rows = slice(r, r + PREFILL_ROWS)
-        part = KVCache(cache.k[:, rows], cache.v[:, rows], cache.pad[rows])
-        out.append(last_logits(model, tokens[rows], slots, part))
+    for lo, hi in ((0, n_hint), (n_hint, R)):
+        for r in range(lo, hi, PREFILL_ROWS):
+            rows = slice(r, min(r + PREFILL_ROWS, hi))
+            start = int(cache.pad[rows].min())
+            part = KVCache(cache.k[:, rows], cache.v[:, rows], cache.pad[rows])
+            out.append(last_logits(model, tokens[rows, start:], slots[start:], part))
     return torch.cat(out)
 
 
@@ -210,7 +222,7 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     if compile:  # CUDA graphs may then keep reading and writing the cache where it is
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
-    logits = prefill(model, tokens, cache)
+    logits = prefill(model, tokens, cache, B)
 
     out = [[] for _ in range(B)]
     finish = [None] * B
@@ -546,12 +558,13 @@ def parse_args(argv=None):
     ap.add_argument("--beta", type=float, default=3.0, help="β of the λ rule (default 3; 0 = hint stream alone)")
     ap.add_argument("--mode", choices=MODES, default="linear", help="λ rule (default linear: clamp(β·h, 0, 1))")
     ap.add_argument("--sigmoid-center", type=float, default=0.5, help="c of the sigmoid mode")
-    ap.add_argument("--piecewise-bounds", type=float, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"))
+    ap.add_argument("--piecewise-bounds", type=float, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"),
+                    help="mode piecewise: λ = 0 below H1, 1 above H2, linear between (default 0.3 0.7)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 512 (demo: 256)")
     ap.add_argument("--batch-size", type=int, default=8, help="examples decoded together (2 rows each)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy (default); the authors' demo uses --top-p 0.95 --temperature 0.3")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus, applied before the temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (the batch that starts at the i-th example still to do uses seed + i)")
     ap.add_argument("--splitter", default="auto",
                     help="text after which the plain stream decodes alone; 'auto' (default): '####' or "

@@ -22,7 +22,6 @@ the very same directory as LlamaForCausalLM.
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bench scripts run from any directory
 
-from data import atomic_write  # noqa: E402  (after the path setup)
-from model import ModelConfig, Transformer  # noqa: E402
+from data import atomic_write  # after the path setup
+from model import ModelConfig, Transformer
 
 RESULTS_DIR = ROOT / "bench" / "results"
 GiB = 2**30
@@ -104,6 +103,7 @@ def gsm_prompts(n: int) -> list[list[int]]:
     """n chat prompts (gsm_symbolic questions, varied lengths) for the bundled model."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import make_gsm8k
+
     from hub import BUNDLED_NAME
     from tokenizer import Tokenizer
 
@@ -179,16 +179,12 @@ def reset_peak(device) -> int:
 
 
 def peak(device) -> int:
-    """Peak bytes since the last reset_peak (CUDA: max allocated; CPU: VmHWM)."""
+    """Peak bytes since the last reset_peak, or since the process started (CUDA: max allocated;
+    CPU: VmHWM, which unlike getrusage's ru_maxrss does not inherit the parent's peak)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     return _vm_kib("VmHWM") * 1024
-
-
-def max_rss() -> int:
-    """The process's lifetime peak resident memory in bytes (getrusage; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_worker(script: str, args: list[str]) -> dict:

@@ -4,8 +4,9 @@
                 padding with per-row positions, one forward per token for the whole batch
     hf_dynamic  LlamaForCausalLM.generate with its default dynamic cache (the cache grows by
                 concatenation every step), do_sample=False, left padding + attention mask
-    hf_static   CUDA only: generate(cache_implementation="static"), which transformers
-                compiles with torch.compile on a GPU (its fastest built-in path)
+    hf_static   generate(cache_implementation="static"), which transformers compiles with
+                torch.compile on a GPU (its fastest built-in path); on by default on CUDA
+                only (--hf-static on CPU runs it uncompiled)
 
 Same weights, same prompts, same dtype (float32 on CPU, bfloat16 on CUDA). EOS is switched
 off on both sides (eos_id=None / eos_token_id=None), so every row decodes exactly
@@ -24,8 +25,8 @@ import tempfile
 
 import torch
 
-from common import add_common_args, gsm_prompts, interleaved, load_hf, load_ours, model_dir, new_report, \
-    random_prompts, setup, timing, write_report
+from common import (add_common_args, gsm_prompts, interleaved, load_hf, load_ours, model_dir, new_report,
+                    random_prompts, setup, timing, write_report)
 from model import generate, left_pad
 
 
@@ -64,10 +65,10 @@ def main(argv=None):
     results, ratios = [], []
     for batch in args.batch_sizes:
         prompts = all_prompts[:batch]
-        runs = {"ours": lambda: generate(ours, prompts, new_tokens),
-                "hf_dynamic": lambda: hf_generate(hf, prompts, new_tokens)}
+        runs = {"ours": lambda p=prompts: generate(ours, p, new_tokens),
+                "hf_dynamic": lambda p=prompts: hf_generate(hf, p, new_tokens)}
         if args.hf_static:
-            runs["hf_static"] = lambda: hf_generate(hf, prompts, new_tokens, "static")
+            runs["hf_static"] = lambda p=prompts: hf_generate(hf, p, new_tokens, "static")
         seconds, outputs = interleaved(runs, args.reps, 1, device)
         assert all(len(row) == new_tokens for out in outputs.values() for row in out), "EOS was not switched off"
         row = {"batch": batch, "prompt_tokens": [len(p) for p in prompts]}

@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any directory
 
-from data import atomic_write  # noqa: E402
+from data import atomic_write
+from idft import LOSS_CHUNK
 
 RESULTS_DIR = ROOT / "bench" / "results"
 OUT = ROOT / "BENCHMARKS.md"
@@ -78,8 +79,10 @@ def provenance(run: dict) -> str:
         f"CPU ({m.get('cpu_count', '?')} cores, {m.get('torch_threads', '?')} torch thread(s))"
     versions = ", ".join(f"{k} {v.get(k) or m.get(k)}" for k in ("torch", "transformers") if v.get(k) or m.get(k))
     load = ""
-    if "loadavg_start" in run:
-        load = f"; load average {run['loadavg_start'][0]:.1f} → {run['loadavg_end'][0]:.1f}"
+    before_after = ((run["loadavg_start"][0], run["loadavg_end"][0]) if "loadavg_start" in run
+                    else run.get("load_average_1min_before_after"))  # bench/hinted_decode.py's key
+    if before_after:
+        load = f"; load average {before_after[0]:.1f} → {before_after[1]:.1f}"
     return (f"Reproduce: `{run.get('command', '?')}`  \n"
             f"Measured {run.get('date', '?')} on {machine}, {m.get('platform', '?')}; {versions}{load}.")
 
@@ -92,10 +95,11 @@ def judge(values: list, met) -> tuple[str, str]:
     met(value) is True, False, or None when the value cannot decide."""
     if not values:
         return "—", "not measured"
-    v = values[-1]
-    verdict = met(v[0])
-    return v[1], "**met**" if verdict else "not established (a lower bound, below the goal)" if verdict is None \
-        else "**not met**"
+    value, text = values[-1]
+    verdict = met(value)
+    if verdict is None:
+        return text, "not established (a lower bound, below the goal)"
+    return text, "**met**" if verdict else "**not met**"
 
 
 def train_ratio(run):
@@ -108,9 +112,8 @@ def decode_ratio(run, batch=1, peer="hf_dynamic"):
 
 
 def hinted_speedup(run) -> dict:
-    """ours' speed-up per mode ({"vs_batch1_cached": ..., "vs_authors_style": ...}); the key of
-    this dict changed name once in bench/hinted_decode.py, both are read."""
-    return run.get("ours_speedup_tokens_per_s") or run["ours_speedup_per_example"]
+    """ours' speed-up (new tokens/s) over each mode: {"vs_batch1_cached": ..., "vs_authors_style": ...}."""
+    return run["ours_speedup_tokens_per_s"]
 
 
 def hinted_ratio(run, new_tokens):
@@ -121,41 +124,49 @@ def hinted_ratio(run, new_tokens):
 
 
 def lean_rows(run):
-    """(lean/reference memory, lean/reference time, tokens, vocab) at the default chunk size (1024)."""
+    """(lean/reference memory, lean/reference time, tokens, vocab) at the default chunk size."""
     return [(1 / r["memory_ref_over_lean"], r["time_lean_over_ref"], r["tokens"], r["vocab"])
-            for r in run["ratios"] if r["chunk_size"] == 1024]
+            for r in run["ratios"] if r["chunk_size"] == LOSS_CHUNK]
 
 
 def goals(results) -> list[list]:
     rows = []
 
-    def add(goal, device, name, gpu, value, met, fmt, quick_value=None):
-        """One row; without a full run, show what a quick run measured (quick_value: its own reading)."""
+    def add(goal, device, name, gpu, value, met, fmt, other_value=None):
+        """One row. With no full run that fits the goal, say what the nearest runs measured:
+        other_value(run) describes a run the goal's value(run) rejects (e.g. another length)."""
         values = [(v, fmt(v)) for v in (value(r) for r in full_runs(results, name, gpu)) if v is not None]
         measured, status = judge(values, met)
-        quick = [q for q in ((quick_value or value)(r) for r in quick_runs(results, name, gpu)) if q is not None]
-        if not values and quick:
-            measured = f"— (quick run on the tiny model only: {quick[-1] if quick_value else fmt(quick[-1])})"
+        if not values:
+            describe = other_value or (lambda r: None if value(r) is None else fmt(value(r)))
+            seen = []
+            for kind, latest in (("full run", full_runs(results, name, gpu)[-1:]),
+                                 ("quick run on the tiny model", quick_runs(results, name, gpu)[-1:])):
+                text = describe(latest[0]) if latest else None
+                if text is not None:
+                    seen.append(f"{kind}: {text}")
+            if seen:
+                measured = "— (" + "; ".join(seen) + ")"
         rows.append([goal, device, measured, status])
 
     for gpu, device in ((False, "CPU, float32"), (True, "GPU, bfloat16")):
         train_goal, decode_goal, hinted_goal = (1.5, 3.0, 30) if gpu else (1.0, 1.5, 10)
         add(f"training step ≥ {train_goal:g}× HF eager (tokens/s)", device, "train_step", gpu, train_ratio,
-            lambda v: v >= train_goal, x)
+            lambda v, goal=train_goal: v >= goal, x)
         if gpu:
             add("training step MFU ≥ 35%", device, "train_step", gpu, lambda r: r["results"]["ours"].get("mfu"),
                 lambda v: v >= 0.35, lambda v: f"{v:.1%}")
         add(f"batch-1 greedy decoding ≥ {decode_goal:g}× HF generate (default cache)", device, "decode", gpu,
-            decode_ratio, lambda v: v >= decode_goal, x)
+            decode_ratio, lambda v, goal=decode_goal: v >= goal, x)
         # a shortened authors_style run gives a lower bound: enough to say "met", never "not met"
         add(f"hinted decoding ≥ {hinted_goal}× the authors' design at 256 new tokens", device, "hinted_decode", gpu,
-            lambda r: hinted_ratio(r, 256), lambda v: v[0] >= hinted_goal or (None if v[1] else False),
+            lambda r: hinted_ratio(r, 256), lambda v, goal=hinted_goal: v[0] >= goal or (None if v[1] else False),
             lambda v: ("≥ " if v[1] else "") + x(v[0]) + (" (authors' design timed on fewer tokens)" if v[1] else ""),
-            quick_value=lambda r: f"{x(hinted_speedup(r)['vs_authors_style'])} at "
-                                  f"{r['results']['ours']['new_tokens_per_problem']} tokens")
+            other_value=lambda r: ("≥ " if r.get("authors_style_shortened") else "")
+            + f"{x(hinted_speedup(r)['vs_authors_style'])} at {r['results']['ours']['new_tokens_per_problem']} tokens")
         lean_label = "memory-lean loss ≤ 0.35× the reference's peak memory at ≤ its time"
         add(lean_label + ("" if gpu else " (a GPU goal; CPU shown for reference)"), device, "loss_memory", gpu,
-            lean_rows, lambda rows_: bool(rows_) and all(m <= 0.35 and t <= 1.0 for m, t, _, _ in rows_),
+            lambda r: lean_rows(r) or None, lambda rows_: all(m <= 0.35 and t <= 1.0 for m, t, _, _ in rows_),
             lambda rows_: "; ".join(f"{t}×{v}: {x(m)} memory, {x(tt)} time" for m, tt, t, v in rows_))
     return rows
 
@@ -165,34 +176,34 @@ def goals(results) -> list[list]:
 
 def train_section(results) -> list[str]:
     out = ["## Training step (forward + backward + AdamW, IDFT loss)", "",
-           "Ours: `train.LossHead` (hidden states + `idft.chunked_loss`, compiled on CUDA). Peer: transformers "
+           ("Ours: `train.LossHead` (hidden states + `idft.chunked_loss`, compiled on CUDA). Peer: transformers "
            "`LlamaForCausalLM`, eager, full logits and the IDFT loss written the authors' way (float32 log-softmax, "
            "entropy, gather). Same weights, batch and dtype; peak memory from a fresh process per side "
-           "(growth during two steps: gradients, AdamW state, activations, logits). `bench/train_step.py`.", ""]
+           "(growth during two steps: gradients, AdamW state, activations, logits). `bench/train_step.py`."), ""]
     for label, run, _ in runs(results, "train_step"):
         s, res = run["settings"], run["results"]
         rows = []
         for side, name in (("ours", "ours (LossHead + chunked_loss)"), ("peer", "HF eager + authors' loss")):
             r = res[side]
             rows.append([name, f"{r['tokens_per_s']:.1f}", f"{r['seconds_median']:.3f}", f"{r['peak_step_gib']:.2f}",
-                         f"{r['max_rss_gib']:.2f}", f"{r['mfu']:.1%}" if "mfu" in r else "—"])
+                         f"{r['process_peak_gib']:.2f}", f"{r['mfu']:.1%}" if "mfu" in r else "—"])
         ra = run["ratios"]
         rows.append(["**ours / peer**", f"**{x(ra['ours_over_peer_tokens_per_s'])}**", "",
                      f"**{x(ra['ours_over_peer_peak_step_memory'])}**", "", ""])
         out += [f"### {label}: {s['model']}, {s['batch']} × {s['seq']} tokens, {s['dtype']}", "",
-                table(["", "tokens/s", "s/step (median)", "step peak GiB", "process max RSS GiB", "MFU"], rows), "",
-                f"First-step losses agree to {ra['first_loss_rel_diff']:.1e} (relative); "
-                f"{s['reps_after_warmup']} timed steps per side after {s['warmup_steps']} warm-up step(s).  ",
+                table(["", "tokens/s", "s/step (median)", "step peak GiB", "process peak GiB", "MFU"], rows), "",
+                (f"First-step losses agree to {ra['first_loss_rel_diff']:.1e} (relative); "
+                f"{s['reps_after_warmup']} timed steps per side after {s['warmup_steps']} warm-up step(s).  "),
                 provenance(run), ""]
     return out
 
 
 def decode_section(results) -> list[str]:
     out = ["## Greedy decoding", "",
-           "Ours: `model.generate` (static KV cache). Peer: transformers `generate` with its default dynamic cache "
+           ("Ours: `model.generate` (static KV cache). Peer: transformers `generate` with its default dynamic cache "
            "(`hf_dynamic`) and, on CUDA, with `cache_implementation=\"static\"`, which it compiles (`hf_static`). Same "
            "prompts, left padding, EOS off so every row decodes exactly the same number of tokens; tokens/s of whole "
-           "`generate` calls (prefill included). `bench/decode.py`.", ""]
+           "`generate` calls (prefill included). `bench/decode.py`."), ""]
     for label, run, _ in runs(results, "decode"):
         s = run["settings"]
         peers = [k for k in run["results"][0] if k.startswith("hf_")]
@@ -212,8 +223,8 @@ def decode_section(results) -> list[str]:
 
 def scaling_section(results) -> list[str]:
     out = ["## Time per generated token vs generated length", "",
-           "Ours: `model.generate` with the KV cache. `no_cache`: the authors' demo design, every step recomputes "
-           "the whole prefix. Same model (ours), greedy, batch 1, one stream. `bench/scaling.py`.", ""]
+           ("Ours: `model.generate` with the KV cache. `no_cache`: the authors' demo design, every step recomputes "
+           "the whole prefix. Same model (ours), greedy, batch 1, one stream. `bench/scaling.py`."), ""]
     for label, run, _ in runs(results, "scaling"):
         s, ra = run["settings"], run["ratios"]
         rows = [[r["new_tokens"], f"{r['ours']['seconds_per_token'] * 1e3:.2f}",
@@ -222,37 +233,43 @@ def scaling_section(results) -> list[str]:
                 for r in run["results"]]
         out += [f"### {label}: {s['model']}, prompt {s['prompt_tokens']} tokens, {s['dtype']}", "",
                 table(["new tokens L", "ours ms/token", "no cache ms/token", "no cache / ours", "same tokens"], rows),
-                "", f"L grows {ra['length_growth']:g}×: time per token grows {x(ra['ours_per_token_growth'])} with the "
-                    f"cache, {x(ra['no_cache_per_token_growth'])} without.  ", provenance(run), ""]
+                "", (f"L grows {ra['length_growth']:g}×: time per token grows {x(ra['ours_per_token_growth'])} with the "
+                    f"cache, {x(ra['no_cache_per_token_growth'])} without.  "), provenance(run), ""]
     return out
+
+
+def lower_bound(run, mode) -> str:
+    """"≥ " where the mode was timed on fewer tokens than ours (bench/hinted_decode.py --baseline-tokens)."""
+    shorter = run["results"][mode]["new_tokens_per_problem"] < run["results"]["ours"]["new_tokens_per_problem"]
+    return "≥ " if shorter else ""
 
 
 def hinted_section(results) -> list[str]:
     out = ["## Hinted decoding", "",
-           "Ours: `hinted_decode.hinted_generate` on all problems at once (2B rows, one forward per token, KV cache). "
+           ("Ours: `hinted_decode.hinted_generate` on all problems at once (2B rows, one forward per token, KV cache). "
            "`batch1_cached`: the same, one problem at a time. `authors_style`: one problem at a time, two forwards per "
            "token over the whole prefixes, no cache, as the published demo. Ratios compare new tokens/s (examples/s "
            "at equal length); where `authors_style` was timed on fewer tokens than ours, its steps were cheaper, so "
            "the ratio is a lower bound. "
-           "`bench/hinted_decode.py`.", ""]
+           "`bench/hinted_decode.py`."), ""]
     for label, run, _ in runs(results, "hinted_decode"):
         res, sp = run["results"], hinted_speedup(run)
         rows = [[name, r["problems"], r["new_tokens_per_problem"], f"{r['examples_per_s']:.3f}",
-                 f"{r['new_tokens_per_s']:.1f}", "1.00×" if name == "ours" else f"**{x(sp['vs_' + name])}**"]
+                 f"{r['new_tokens_per_s']:.1f}", "1.00×" if name == "ours" else f"**{lower_bound(run, name)}{x(sp['vs_' + name])}**"]
                 for name, r in res.items()]
         n = res["ours"]["new_tokens_per_problem"]
         out += [f"### {label}: {run['model']}, {n} new tokens per problem", "",
                 table(["mode", "problems", "new tokens / problem", "examples/s", "tokens/s", "ours / mode"], rows),
                 "",
-                f"Outputs identical across modes: {'yes' if run['outputs_identical'] else 'no'}; "
-                f"{run['reps_after_warmup']} timed run(s) after one warm-up.  ", provenance(run), ""]
+                (f"Outputs identical across modes: {'yes' if run['outputs_identical'] else 'no'}; "
+                f"{run['reps_after_warmup']} timed run(s) after one warm-up.  "), provenance(run), ""]
     return out
 
 
 def loss_memory_section(results) -> list[str]:
     out = ["## Memory-lean loss (one IDFT forward + backward of the output layer)", "",
-           "Reference: full logits, `idft.token_loss_sum`, autograd. Lean: `idft.chunked_loss`. Peak = growth over "
-           "the memory held before the step, one process per measurement. `bench/loss_memory.py`.", ""]
+           ("Reference: full logits, `idft.token_loss_sum`, autograd. Lean: `idft.chunked_loss`. Peak = growth over "
+           "the memory held before the step, one process per measurement. `bench/loss_memory.py`."), ""]
     for label, run, _ in runs(results, "loss_memory"):
         rows = [[f"{r['tokens']} × {r['vocab']} (D {r['dim']})", r["path"] + (f" / chunk {r['chunk_size']}"
                                                                                if r["chunk_size"] else ""),
@@ -268,18 +285,18 @@ def loss_memory_section(results) -> list[str]:
 def render(results: dict) -> str:
     gpu_results = [stem for stem, data in results.items() if is_gpu(data)]
     lines = ["# Benchmarks", "",
-             "Generated by `python bench/report.py` from `bench/results/*.json`; do not edit by hand. Every "
+             ("Generated by `python bench/report.py` from `bench/results/*.json`; do not edit by hand. Every "
              "benchmark runs ours and its peer in the same process on the same weights, data, dtype and device, "
              "alternating calls, warm-up excluded, median of the repetitions. On CPU each process uses one torch "
-             "thread (the 2 cores are shared; see `bench/common.py`).", "",
+             "thread (the 2 cores are shared; see `bench/common.py`)."), "",
              "## Goals", "",
              "Judged on full runs (bundled SmolLM2-135M-Instruct); `--quick` runs (tiny random model) never count.", "",
              table(["goal", "device", "measured", "status"], goals(results)), ""]
     if not gpu_results:
-        lines += ["No GPU results exist in `bench/results/`: no GPU was available when these benchmarks were run, "
+        lines += [("No GPU results exist in `bench/results/`: no GPU was available when these benchmarks were run, "
                   "so every GPU goal is **not measured**. On a CUDA machine the same commands use bfloat16, "
                   "compile our training step, and add transformers' static-cache + compile decoding; those code "
-                  "paths have not been run.", ""]
+                  "paths have not been run."), ""]
     for section in (train_section, decode_section, scaling_section, hinted_section, loss_memory_section):
         lines += section(results)
     return "\n".join(lines).rstrip() + "\n"

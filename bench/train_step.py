@@ -17,7 +17,7 @@ first losses must agree (checked, reported). tokens/s = batch × seq / median st
 after warm-up; steps alternate between the sides. Peak memory: a fresh worker process per
 side runs two steps (the first allocates AdamW's state) and reports the peak growth over
 what it held before the first step (weights and the batch excluded; gradients, optimizer
-state, activations and logits included) and its lifetime peak RSS. MFU (CUDA only) =
+state, activations and logits included) and its whole-process peak. MFU (CUDA only) =
 6 · parameters · tokens/s / peak bf16 FLOP/s of the GPU.
 
     python bench/train_step.py --quick    # tiny random model, seconds
@@ -33,8 +33,8 @@ from contextlib import nullcontext
 
 import torch
 
-from common import GiB, add_common_args, interleaved, load_hf, load_ours, max_rss, model_dir, new_report, peak, \
-    reset_peak, run_worker, setup, timing, write_report
+from common import (GiB, add_common_args, interleaved, load_hf, load_ours, model_dir, new_report, peak,
+                    reset_peak, run_worker, setup, timing, write_report)
 from train import PEAK_BF16_FLOPS, LossHead, build_optimizer
 
 KNOBS = dict(beta=1.0, gamma_min=0.1, gamma_max=2.0, b=None, top_k=None)  # train.py's defaults
@@ -99,12 +99,19 @@ def make_step(side, path, device, batch, seq):
 
 
 def worker(side, path, device, batch, seq):
-    """One side in its own process: peak memory of its first two training steps."""
+    """One side in its own process: peak memory of its first two training steps.
+
+    The process's own peak (VmHWM / max_memory_allocated) rather than getrusage's ru_maxrss,
+    which Linux carries over from the parent through fork and exec.
+    """
     step, _ = make_step(side, path, device, batch, seq)
+    load_peak = peak(device)
     before = reset_peak(device)
     step()
     step()
-    return {"side": side, "peak_step_gib": (peak(device) - before) / GiB, "max_rss_gib": max_rss() / GiB}
+    step_peak = peak(device)
+    return {"side": side, "peak_step_gib": (step_peak - before) / GiB,
+            "process_peak_gib": max(load_peak, step_peak) / GiB}
 
 
 def main(argv=None):
@@ -121,21 +128,25 @@ def main(argv=None):
         return 0
 
     cuda = device.type == "cuda"
+    report = new_report(device, {"batch": args.batch, "seq": args.seq, "loss_tokens_per_row": args.seq - args.seq // 4,
+                                 "dtype": "bfloat16 autocast" if cuda else "float32", "loss": "idft",
+                                 "ours_compiled": cuda, "reps_after_warmup": args.reps,
+                                 "warmup_steps": 2 if cuda else 1})
     with tempfile.TemporaryDirectory() as scratch:
-        path, model_name = model_dir(args.quick, scratch)
-        steps, models = {}, {}
-        for side in ("ours", "peer"):
-            steps[side], models[side] = make_step(side, path, device, args.batch, args.seq)
-        n_params = sum(p.numel() for p in models["ours"].parameters())
-        # The first step of each side is the (first) warm-up; same weights and batch, so the
-        # two losses must agree. CUDA: one more warm-up round, the first call compiles.
-        first = {side: step() for side, step in steps.items()}
-        seconds, _ = interleaved(steps, args.reps, 1 if cuda else 0, device)
-        del steps, models  # free both before the memory workers start
+        path, report["settings"]["model"] = model_dir(args.quick, scratch)
+        # memory first, one fresh process per side, while this one holds no model
         memory = {side: run_worker(__file__, ["--worker", side, "--model-dir", str(path), "--batch", str(args.batch),
                                               "--seq", str(args.seq), "--device", str(device),
                                               "--threads", str(torch.get_num_threads())])
                   for side in ("ours", "peer")}
+        steps, models = {}, {}
+        for side in ("ours", "peer"):
+            steps[side], models[side] = make_step(side, path, device, args.batch, args.seq)
+    n_params = report["settings"]["parameters"] = sum(p.numel() for p in models["ours"].parameters())
+    # The first step of each side is the (first) warm-up; same weights and batch, so the two
+    # losses must agree. CUDA: one more warm-up round, the first call compiles.
+    first = {side: step() for side, step in steps.items()}
+    seconds, _ = interleaved(steps, args.reps, 1 if cuda else 0, device)
 
     tokens = args.batch * args.seq
     peak_flops = next((f for k, f in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name(device)),
@@ -144,7 +155,8 @@ def main(argv=None):
     for side in ("ours", "peer"):
         t = timing(seconds[side])
         results[side] = {**t, "tokens_per_s": tokens / t["seconds_median"], "first_loss": first[side],
-                         "peak_step_gib": memory[side]["peak_step_gib"], "max_rss_gib": memory[side]["max_rss_gib"]}
+                         "peak_step_gib": memory[side]["peak_step_gib"],
+                         "process_peak_gib": memory[side]["process_peak_gib"]}
         if peak_flops:
             results[side]["mfu"] = 6 * n_params * results[side]["tokens_per_s"] / peak_flops
         print(f"{side:5s} {results[side]['tokens_per_s']:9.1f} tokens/s  step peak {results[side]['peak_step_gib']:6.2f} GiB"
@@ -155,11 +167,6 @@ def main(argv=None):
     print(f"ours/peer: {ratios['ours_over_peer_tokens_per_s']:.2f}x tokens/s, "
           f"{ratios['ours_over_peer_peak_step_memory']:.2f}x step peak memory; "
           f"first losses differ by {ratios['first_loss_rel_diff']:.1e} (relative)")
-    report = new_report(device, {"model": model_name, "parameters": n_params, "batch": args.batch, "seq": args.seq,
-                                 "loss_tokens_per_row": args.seq - args.seq // 4,
-                                 "dtype": "bfloat16 autocast" if cuda else "float32", "loss": "idft",
-                                 "ours_compiled": cuda, "reps_after_warmup": args.reps,
-                                 "warmup_steps": 2 if cuda else 1})
     report.update(results=results, ratios=ratios)
     write_report("train_step", device, args.quick, report)
     return 0

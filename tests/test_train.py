@@ -111,11 +111,17 @@ def test_sft_step_matches_handwritten_reference(tiny_model_dir, tmp_path):
                             lr=lr, betas=(0.9, 0.95))
     opt.step()
     ours = final_weights(out)
-    ref = hf.state_dict()
+    params = dict(hf.named_parameters())
+    compared = total_elements = 0
     for name, tensor in ours.items():
         # Adam's first step is ±lr wherever |g| ≫ eps; a wrong mask or shift flips signs (2e-3
-        # apart), float32 summation order only moves elements whose g is near eps.
-        assert torch.allclose(tensor, ref[name], atol=1e-5, rtol=0), name
+        # apart). Where |g| is within float32 summation noise of eps (1e-8) the step's size is
+        # decided by that noise, so those few elements are left out of the comparison.
+        p = params[name] if name in params else params["model.embed_tokens.weight"]  # tied output
+        clear = p.grad.abs() > 1e-6
+        compared, total_elements = compared + int(clear.sum()), total_elements + clear.numel()
+        assert torch.allclose(tensor[clear], p.detach()[clear], atol=1e-5, rtol=0), name
+    assert compared > 0.9 * total_elements, (compared, total_elements)
 
 
 def test_gradient_accumulation_with_uneven_lengths(tiny_model_dir, tmp_path):
