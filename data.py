@@ -280,3 +280,15 @@ def atomic_write(path, content) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_marked_block(path, name: str, text: str) -> None:
+    """Rewrite the generated part of a hand-written file (README.md): everything between the
+    lines `<!-- name:begin -->` and `<!-- name:end -->` becomes `text`; the rest is kept."""
+    path = Path(path)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = path.read_text(encoding="utf-8")
+    if old.count(begin) != 1 or old.count(end) != 1 or old.index(begin) > old.index(end):
+        raise UserError(f"{path}: expected one '{begin}' line followed by one '{end}' line")
+    head, rest = old.split(begin, 1)
+    atomic_write(path, head + begin + "\n" + text.strip("\n") + "\n" + end + rest.split(end, 1)[1])

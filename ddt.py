@@ -112,6 +112,7 @@ class SequenceScores:
     """Per-sequence DDT scores: [B] tensors, except phi_cumsum and mask [B, T]."""
 
     n: torch.Tensor  # number of response tokens
+    logp_sum: torch.Tensor  # Σ log p(y_t): minus the response's negative log-likelihood
     phi_sum: torch.Tensor  # Σ φ_t
     phi_mean: torch.Tensor  # Σ φ_t / n   (rule of thumb: < −0.1 is off-distribution)
     phi_cumsum: torch.Tensor  # running Σ_{s≤t} φ_s (constant across masked positions)
@@ -133,6 +134,7 @@ class SequenceScores:
         for b in range(len(self.n)):
             rows.append({
                 "n_tokens": int(self.n[b]),
+                "logp_sum": num(self.logp_sum[b]),
                 "phi_sum": num(self.phi_sum[b]),
                 "phi_mean": num(self.phi_mean[b]),
                 "share_phi_pos": num(self.share_phi_pos[b]),
@@ -162,6 +164,7 @@ def sequence_scores(stats, mask):
     z = phi_sum / V_sum.sqrt()
     return SequenceScores(
         n=n.long(),
+        logp_sum=torch.where(m, stats.logp, 0.0).sum(-1),
         phi_sum=phi_sum,
         phi_mean=phi_sum / n,
         phi_cumsum=phi.cumsum(-1),

@@ -231,6 +231,7 @@ def mean(xs):
 def phi_summary(rows: list[dict]) -> dict:
     n = sum(r["n_tokens"] for r in rows)
     return {
+        "nll_token_mean": -sum(r["logp_sum"] for r in rows) / n,  # answer NLL per token
         "phi_token_mean": sum(r["phi_sum"] for r in rows) / n,  # Σ over all tokens / number of tokens
         "phi_seq_mean": mean([r["phi_mean"] for r in rows]),  # mean of per-sequence averages
         "z_mean": mean([r["z"] for r in rows]),

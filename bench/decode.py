@@ -40,6 +40,13 @@ def hf_generate(hf, prompts, new_tokens, cache_implementation=None):
     return out[:, tokens.shape[1]:].tolist()
 
 
+def read_bandwidth(n_bytes: int, device) -> float:
+    """GB/s of reading a weights-sized float32 tensor once (a sum): the batch-1 decoding bound."""
+    x = torch.ones(n_bytes // 4, device=device)
+    seconds, _ = interleaved({"sum": lambda: x.sum()}, 3, 1, device)
+    return n_bytes / timing(seconds["sum"])["seconds_median"] / 1e9
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,7 +68,10 @@ def main(argv=None):
 
     report = new_report(device, {"model": model_name, "dtype": str(dtype).removeprefix("torch."),
                                  "new_tokens": new_tokens, "batch_sizes": args.batch_sizes,
+                                 # every decoding step reads all the weights once (the bandwidth bound)
+                                 "weight_bytes": sum(p.numel() * p.element_size() for p in ours.parameters()),
                                  "reps_after_warmup": args.reps, "decoding": "greedy, EOS off"})
+    report["settings"]["memory_read_gb_s"] = read_bandwidth(report["settings"]["weight_bytes"], device)
     results, ratios = [], []
     for batch in args.batch_sizes:
         prompts = all_prompts[:batch]

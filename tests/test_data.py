@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data import UserError, answers_match, extract_answer, find_answer, load_examples, to_number
+from data import UserError, answers_match, extract_answer, find_answer, load_examples, replace_marked_block, to_number
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,3 +302,17 @@ def test_make_gsm8k_bad_args(tmp_path, make_gsm8k, capsys):
     assert "--heldout-templates" in capsys.readouterr().err
     assert make_gsm8k.main(["--out-dir", str(tmp_path), "--n-test", "0"]) == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_replace_marked_block_keeps_the_hand_written_rest(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- x:begin -->\nold\n<!-- x:end -->\noutro\n")
+    replace_marked_block(readme, "x", "new\ntable\n")
+    assert readme.read_text() == "intro\n<!-- x:begin -->\nnew\ntable\n<!-- x:end -->\noutro\n"
+    replace_marked_block(readme, "x", "")
+    assert readme.read_text() == "intro\n<!-- x:begin -->\n\n<!-- x:end -->\noutro\n"
+    for broken in ("no markers\n", "<!-- x:end -->\n<!-- x:begin -->\n", "<!-- x:begin -->\n<!-- x:begin -->\n<!-- x:end -->\n"):
+        readme.write_text(broken)
+        with pytest.raises(UserError, match="expected one '<!-- x:begin -->' line"):
+            replace_marked_block(readme, "x", "new")
+        assert readme.read_text() == broken

@@ -106,6 +106,7 @@ def test_sequence_scores_match_hand_computation():
         z = f.sum() / v.sum().sqrt()
         assert sc.n[b] == len(f)
         assert sc.phi_sum[b].item() == pytest.approx(f.sum().item(), abs=1e-5)
+        assert sc.logp_sum[b].item() == pytest.approx((f - 1).sum().item(), abs=1e-5)
         assert sc.phi_mean[b].item() == pytest.approx(f.mean().item(), abs=1e-5)
         assert sc.share_phi_pos[b].item() == pytest.approx((f > 0).double().mean().item())
         for c in (-1, -3, -5):

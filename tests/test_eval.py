@@ -266,6 +266,7 @@ def test_reference_phi_matches_float64(tiny_model_dir):
         phi = lp.gather(-1, y[:, None])[:, 0] + H
         V = (lp.exp() * (lp + H[:, None]) ** 2).sum(-1)
         assert row["n_tokens"] == len(y)
+        assert row["logp_sum"] == pytest.approx(lp.gather(-1, y[:, None]).sum().item(), rel=1e-4)  # minus the NLL
         assert row["phi_mean"] == pytest.approx(phi.mean().item(), rel=1e-4, abs=1e-5)
         assert row["z"] == pytest.approx((phi.sum() / V.sum().sqrt()).item(), rel=1e-4, abs=1e-5)
 
@@ -285,6 +286,8 @@ def test_compare_models_with_ddt_and_drift(tiny_model_dir, second_model_dir, tmp
     for m in (same, other):
         assert m["phi"]["n_tokens"] == sum(r["ref_phi"]["n_tokens"] for r in read_jsonl(m["outputs"]))
         assert math.isfinite(m["phi"]["phi_token_mean"])
+        refs = [r["ref_phi"] for r in read_jsonl(m["outputs"])]
+        assert m["phi"]["nll_token_mean"] == pytest.approx(-sum(r["logp_sum"] for r in refs) / m["phi"]["n_tokens"])
     table = (tmp_path / "cmp.md").read_text()
     assert table == capsys.readouterr().out and "KL(base‖model)" in table
     assert len(table.strip().splitlines()) == 4  # header, rule, two models
