@@ -298,7 +298,7 @@ def bar_chart(results: list[dict], path: Path):
     err = [[a - r["ci95"][0] for a, r in zip(acc, results)], [r["ci95"][1] - a for a, r in zip(acc, results)]]
     kl = [r.get("kl_from_base", {}).get("kl_token_mean") for r in results]
     panels = 2 if any(k is not None for k in kl) else 1
-    fig, axes = plt.subplots(1, panels, figsize=(1.6 * len(names) * panels + 3, 4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(min(1.6 * len(names), 8) * panels + 2, 4), squeeze=False)
     axes[0, 0].bar(names, acc, yerr=err, capsize=4, color="tab:blue")
     axes[0, 0].set(ylabel="accuracy (95% Wilson CI)", ylim=(0, 1), title="Accuracy")
     if panels == 2:
