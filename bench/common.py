@@ -99,19 +99,27 @@ def load_hf(path, device, dtype=torch.float32):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def gsm_prompts(n: int) -> list[list[int]]:
-    """n chat prompts (gsm_symbolic questions, varied lengths) for the bundled model."""
+def gsm_examples(n: int) -> list:
+    """n gsm_symbolic problems (questions of varied lengths, with reference solutions) as data.Examples."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import make_gsm8k
 
-    from hub import BUNDLED_NAME
-    from tokenizer import Tokenizer
+    from data import Example
 
     generators = make_gsm8k.load_generators()
     rows = make_gsm8k.make_split("bench", sorted(generators), n, 0, generators, set(),
                                  {"duplicate": 0, "inconsistent": 0})
+    return [Example(r["id"], [{"role": "user", "content": r["question"]}], r["answer"], r["final_answer"], 0,
+                    "gsm_symbolic") for r in rows]
+
+
+def gsm_prompts(n: int) -> list[list[int]]:
+    """n chat prompts (gsm_symbolic questions, varied lengths) for the bundled model."""
+    from hub import BUNDLED_NAME
+    from tokenizer import Tokenizer
+
     tok = Tokenizer.from_pretrained(BUNDLED_NAME)
-    return [tok.encode_chat([{"role": "user", "content": r["question"]}], add_generation_prompt=True) for r in rows]
+    return [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in gsm_examples(n)]
 
 
 def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:

@@ -21,22 +21,17 @@ near-ties and is reported, not fatal.
     python bench/hinted_decode.py --quick     # tiny random model, seconds
     python bench/hinted_decode.py             # the bundled SmolLM2-135M on gsm_symbolic problems
 
-Results go to bench/results/hinted_decode-<device>.json, one entry per mode.
+Results go to bench/results/hinted_decode-<device>[-quick].json.
 """
 
 import argparse
-import json
 import math
-import os
-import statistics
-import sys
 import tempfile
-import time
 
 import torch
 
-from common import ROOT, add_common_args, load_ours, machine, model_dir, random_prompts, setup, sync, versions
-from data import Example, atomic_write
+from common import (add_common_args, gsm_examples, interleaved, load_ours, model_dir, new_report, random_prompts,
+                    setup, timing, write_report)
 from hinted_decode import hint_messages, hinted_generate, mix_step
 
 
@@ -67,17 +62,7 @@ def gsm_problems(n, data):
     from hub import BUNDLED_NAME
     from tokenizer import Tokenizer
 
-    if data:
-        examples = load_examples(data)[:n]
-    else:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        import make_gsm8k
-
-        generators = make_gsm8k.load_generators()
-        rows = make_gsm8k.make_split("bench", sorted(generators), n, 0, generators, set(),
-                                     {"duplicate": 0, "inconsistent": 0})
-        examples = [Example(r["id"], [{"role": "user", "content": r["question"]}], r["answer"], r["final_answer"], 0,
-                            "gsm_symbolic") for r in rows]
+    examples = load_examples(data)[:n] if data else gsm_examples(n)
     tok = Tokenizer.from_pretrained(BUNDLED_NAME)
     hints = [tok.encode_chat(hint_messages(ex), add_generation_prompt=True) for ex in examples]
     plains = [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in examples]
@@ -85,16 +70,10 @@ def gsm_problems(n, data):
 
 
 def timed(fn, reps, device, warmup=None):
-    """Median seconds of `reps` runs after one warm-up run (of `warmup`, else `fn`), and the last result."""
+    """Seconds of `reps` runs after one warm-up run (of `warmup`, else `fn`), and the last result."""
     (warmup or fn)()  # warm-up (and compilation on CUDA)
-    seconds = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), seconds, result
+    seconds, last = interleaved({"run": fn}, reps, 0, device)
+    return seconds["run"], last["run"]
 
 
 def main(argv=None):
@@ -109,7 +88,6 @@ def main(argv=None):
     ap.add_argument("--data", help="bundled mode: take the problems from this JSONL file")
     args = ap.parse_args(argv)
     device = setup(args)
-    load_before = os.getloadavg()[0]
     quick = args.quick
     n = args.problems or (16 if quick else 32)
     n_single = min(n, args.single_problems or (16 if quick else 4))
@@ -136,11 +114,14 @@ def main(argv=None):
                                                 for h, p in zip(hints[:n_single], plains[:n_single])], None),
         "authors_style": (n_base, T_base, lambda: baseline(T_base), lambda: baseline(4)),
     }
+    report = new_report(device, {"model": f"{model_name}, {str(dtype).removeprefix('torch.')}", "beta": args.beta,
+                                 "decoding": "greedy, no EOS, no repetition stop", "reps_after_warmup": reps})
     results, outputs = {}, {}
     for name, (count, tokens, fn, warmup) in runs.items():
-        median, seconds, outputs[name] = timed(fn, reps, device, warmup)
-        results[name] = {"problems": count, "new_tokens_per_problem": tokens, "seconds_median": round(median, 4),
-                         "seconds_all": [round(s, 4) for s in seconds], "examples_per_s": count / median,
+        seconds, outputs[name] = timed(fn, reps, device, warmup)
+        t = timing(seconds)
+        median = t["seconds_median"]
+        results[name] = {"problems": count, "new_tokens_per_problem": tokens, **t, "examples_per_s": count / median,
                          "new_tokens_per_s": count * tokens / median}
         print(f"{name:14s} {count:3d} problems x {tokens} tokens: {median:8.2f} s  "
               f"{count / median:8.4f} examples/s  {count * tokens / median:9.2f} tokens/s", flush=True)
@@ -152,23 +133,11 @@ def main(argv=None):
           + ", ".join(f"{k} {v:.1f}x" + (" (lower bound)" if k == "vs_authors_style" and T_base < T else "")
                       for k, v in speedup.items()))
 
-    info = machine(device)
-    slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
-    path = ROOT / "bench" / "results" / f"hinted_decode-{slug}.json"
-    report = json.loads(path.read_text()) if path.exists() else {}
-    report["machine"], report["versions"] = info, versions()
-    report.setdefault("modes", {})["quick" if quick else "bundled"] = {
-        "command": " ".join(["python", *sys.argv]), "model": f"{model_name}, {str(dtype).removeprefix('torch.')}",
-        "beta": args.beta, "decoding": "greedy, no EOS, no repetition stop", "reps_after_warmup": reps,
-        "results": results, "ours_speedup_tokens_per_s": speedup, "authors_style_shortened": T_base < T,
-        "outputs_identical": identical, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        # the CPU machine is shared: a load above the core count means the timings are inflated
-        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
-    }
-    atomic_write(path, json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    report.update(results=results, ours_speedup_tokens_per_s=speedup, authors_style_shortened=T_base < T,
+                  outputs_identical=identical)
+    write_report("hinted_decode", device, quick, report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -39,15 +39,9 @@ def is_gpu(data: dict) -> bool:
 
 
 def runs(results: dict, name: str):
-    """(label, run dict, quick?) for every run of workload `name`; hinted_decode keeps several
-    modes in one file, the others one run per file."""
+    """(label, run dict, quick?) for every run (one per file) of workload `name`."""
     for stem, data in results.items():
-        if workload(stem) != name:
-            continue
-        if "modes" in data:
-            for mode, run in data["modes"].items():
-                yield f"{stem} ({mode})", {**data, **run}, mode == "quick"
-        else:
+        if workload(stem) == name:
             yield stem, data, stem.endswith("-quick")
 
 
@@ -79,10 +73,8 @@ def provenance(run: dict) -> str:
         f"CPU ({m.get('cpu_count', '?')} cores, {m.get('torch_threads', '?')} torch thread(s))"
     versions = ", ".join(f"{k} {v.get(k) or m.get(k)}" for k in ("torch", "transformers") if v.get(k) or m.get(k))
     load = ""
-    before_after = ((run["loadavg_start"][0], run["loadavg_end"][0]) if "loadavg_start" in run
-                    else run.get("load_average_1min_before_after"))  # bench/hinted_decode.py's key
-    if before_after:
-        load = f"; load average {before_after[0]:.1f} → {before_after[1]:.1f}"
+    if "loadavg_start" in run:
+        load = f"; load average {run['loadavg_start'][0]:.1f} → {run['loadavg_end'][0]:.1f}"
     return (f"Reproduce: `{run.get('command', '?')}`  \n"
             f"Measured {run.get('date', '?')} on {machine}, {m.get('platform', '?')}; {versions}{load}.")
 
@@ -277,11 +269,11 @@ def hinted_section(results) -> list[str]:
                  f"{r['new_tokens_per_s']:.1f}", "1.00×" if name == "ours" else f"**{lower_bound(run, name)}{x(sp['vs_' + name])}**"]
                 for name, r in res.items()]
         n = res["ours"]["new_tokens_per_problem"]
-        out += [f"### {label}: {run['model']}, {n} new tokens per problem", "",
+        out += [f"### {label}: {run['settings']['model']}, {n} new tokens per problem", "",
                 table(["mode", "problems", "new tokens / problem", "examples/s", "tokens/s", "ours / mode"], rows),
                 "",
                 (f"Outputs identical across modes: {'yes' if run['outputs_identical'] else 'no'}; "
-                f"{run['reps_after_warmup']} timed run(s) after one warm-up.  "), provenance(run), ""]
+                f"{run['settings']['reps_after_warmup']} timed run(s) after one warm-up.  "), provenance(run), ""]
     return out
 
 

@@ -293,13 +293,13 @@ def fingerprint(model_dir: Path) -> list:
     return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.glob("*.safetensors"))
 
 
-def base_drift_answers(out: Path, base_dir: Path, scale: Scale, eval_args) -> list:
+def base_drift_answers(out: Path, base_dir: Path, scale: Scale, load_base) -> list:
     """The base model's greedy answers to the everyday prompts, made once for every model."""
     settings = {"model": str(base_dir), "n_general": scale.n_general,
                 "general_max_new_tokens": scale.general_max_new_tokens}
     path = out / "eval" / "base_drift_answers.json"
     if (saved := reuse(path, settings)) is None:
-        base, tok = evaluation.load(base_dir, eval_args)
+        base, tok = load_base()
         prompts = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in evaluation.GENERAL_PROMPTS[:scale.n_general]]
         gens, _ = evaluation.generate_all(base, prompts, tok.eos_id, scale.general_max_new_tokens,
@@ -312,9 +312,16 @@ def eval_stage(out: Path, base_dir: Path, models: dict[str, dict], files: dict[s
                device: str) -> dict[str, dict]:
     eval_args = SimpleNamespace(max_new_tokens=scale.max_new_tokens, batch_size=scale.eval_batch_size, device=device,
                                 dtype="bfloat16" if device.startswith("cuda") else "float32")
-    drift_seqs = base_drift_answers(out, base_dir, scale, eval_args)
+    loaded = []  # the base model, loaded on first use (not at all when every stage is reused)
+
+    def load_base():
+        if not loaded:
+            loaded.append(evaluation.load(base_dir, eval_args))
+        return loaded[0]
+
+    drift_seqs = base_drift_answers(out, base_dir, scale, load_base)
     splits = {s: load_examples(files[s]) for s in ("test", "heldout")}
-    results, base = {}, None
+    results = {}
     for name, info in models.items():
         if "skipped" in info:
             results[name] = info
@@ -329,10 +336,8 @@ def eval_stage(out: Path, base_dir: Path, models: dict[str, dict], files: dict[s
             results[name] = {**info, **saved}
             continue
         log(f"eval {name}: {model_dir}")
-        if base is None:
-            base, _ = evaluation.load(base_dir, eval_args)
-        model = base if model_dir == base_dir else evaluation.load(model_dir, eval_args)[0]
-        tok = Tokenizer.from_pretrained(model_dir)
+        base = load_base()[0]
+        model, tok = load_base() if model_dir == base_dir else evaluation.load(model_dir, eval_args)
         result, outputs = {}, {}
         for split, examples in splits.items():
             summary, rows = evaluation.evaluate_model(model, tok, examples, eval_args)
