@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -292,3 +293,52 @@ def replace_marked_block(path, name: str, text: str) -> None:
         raise UserError(f"{path}: expected one '{begin}' line followed by one '{end}' line")
     head, rest = old.split(begin, 1)
     atomic_write(path, head + begin + "\n" + text.strip("\n") + "\n" + end + rest.split(end, 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Append-only JSONL logs (hinted_decode.py's records, train.py's metrics): written one line at a
+# time, so a crash can leave at most one torn last line, which a resume drops and redoes.
+
+
+def read_log(path, writer: str) -> tuple[list[dict], int]:
+    """The complete records of an append-only JSONL file, each with its 1-based line number under
+    "_line", and the byte length up to the end of the last complete line.
+
+    A last line without its newline is what a crash in the middle of a write leaves: it is not a
+    record (`drop_torn_tail` cuts it off before appending). Any other line that is not a JSON
+    object is an error naming the file and line; `writer` names the program that writes the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    records = []
+    for lineno, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: not a JSON record (was this file written by {writer}?)")
+        records.append({**record, "_line": lineno})
+    return records, end
+
+
+def drop_torn_tail(path, end: int) -> None:
+    """Cut a torn last line (bytes past `end`, from read_log) off before appending, saying so."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size > end:
+        print(f"{path}: dropping an incomplete last line ({path.stat().st_size - end} bytes) "
+              "left by an interrupted run", file=sys.stderr)
+        os.truncate(path, end)
+
+
+def append_record(f, record: dict) -> None:
+    """One record per line, flushed at once: an interruption loses at most the line being written."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()

@@ -11,9 +11,8 @@ interval
     (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n),   p̂ = k/n, z = 1.96,
 which, unlike p̂ ± z·sqrt(p̂(1−p̂)/n), stays inside [0, 1] and is not empty at k = 0 or k = n.
 Each output stops at EOS, at --max-new-tokens ("length"), or by the repetition rule of
-SPEC §4 ("repetition": some 30-token window seen 5 times, checked every 100 tokens). The
-rule is applied after decoding: the output is cut where decoding would have stopped, so the
-scores are exact, but a looping row still costs max-new-tokens of compute.
+SPEC §4 ("repetition": some 30-token window seen 5 times, checked every 100 tokens): the
+stop rule of model.generate, applied while decoding, so a looping row leaves the batch.
 
 Distribution metrics (--ddt), all float32, full vocabulary, logits formed chunk by chunk:
   * φ of the data: each model scores the reference solutions y of the data set under the
@@ -22,16 +21,16 @@ Distribution metrics (--ddt), all float32, full vocabulary, logits formed chunk 
     in-distribution for that model (authors' rule of thumb: below about −0.1 it is not).
   * Drift from a base model (--base M0): the base answers a set of everyday instructions
     greedily (GENERAL_PROMPTS, or --general-prompts); on those answers, at every response
-    position t,  KL_t(base ‖ model) = Σ_v p_base(v) log(p_base(v) / p_model(v))
-                                    = −H_t(base) − Σ_v p_base(v) log p_model(v),
-    averaged over all answer tokens. This is the "forgetting" that IDFT is meant to reduce.
+    position t,  KL_t(base ‖ model) = Σ_v p_base(v) (log p_base(v) − log p_model(v))
+    (ddt.log_probs, ddt.row_dot), averaged over all answer tokens. This is the "forgetting"
+    that IDFT is meant to reduce.
 
 Outputs, for --out R.json: R.json (command, model paths, data hash, versions, every metric);
 R.<model>.jsonl per model, one row per question with the output, the extracted answer, the
 rule that found it, the verdict and the stop reason (and the reference's φ with --ddt); with
 several models also R.md (comparison table, also printed) and R.png (accuracy with its
-interval, and the drift). tokens/s counts every token decoding produced (prefill included in
-the time), so it measures the work done, not the tokens kept.
+interval, and the drift). tokens/s counts the output tokens per second of decoding (prefill
+included in the time).
 """
 
 import argparse
@@ -51,10 +50,9 @@ import torch
 from tqdm import tqdm
 
 from data import UserError, answers_match, atomic_write, encode_example, find_answer, load_examples
-from ddt import STATS_CHUNK, float32_logits, log_softmax_stats, response_hidden, score_examples, spread
-from hinted_decode import REPETITION_EVERY, repeats
+from ddt import STATS_CHUNK, float32_logits, log_probs, response_hidden, row_dot, score_examples, spread
 from hub import resolve_model_dir
-from model import Transformer, generate
+from model import CheckpointError, Transformer, generate
 from tokenizer import Tokenizer
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -127,27 +125,13 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return 0.0 if k == 0 else center - half, 1.0 if k == n else center + half
 
 
-def finish(tokens: list[int], eos_id: int) -> tuple[list[int], str]:
-    """Cut a greedy output where decoding with the repetition stop would have ended, and say why.
-
-    As in hinted_decode.py, the rule is checked after every REPETITION_EVERY tokens, and EOS
-    or the token limit on the same step win over it. The first check that fires decides the
-    length; with greedy decoding the tokens before it are the same either way.
-    """
-    for n in range(REPETITION_EVERY, len(tokens), REPETITION_EVERY):
-        if repeats(tokens[:n]):
-            return tokens[:n], "repetition"
-    return tokens, "eos" if tokens and tokens[-1] == eos_id else "length"
-
-
 @dataclass
 class Generation:
-    tokens: list[int]  # the output up to its stop, EOS included when produced
-    stop: str  # "eos", "length" or "repetition"
-    n_decoded: int  # tokens decoding produced for this row (past a repetition stop too)
+    tokens: list[int]  # the output up to its stop, the stop token included when produced
+    stop: str  # "eos", "length" or "repetition" (model.finish_reason)
 
 
-def generate_all(model, prompts: list[list[int]], eos_id: int, max_new_tokens: int, batch_size: int,
+def generate_all(model, prompts: list[list[int]], stop_ids, max_new_tokens: int, batch_size: int,
                  desc: str) -> tuple[list[Generation], float]:
     """Greedy outputs for all prompts, in input order, and the seconds spent decoding.
 
@@ -160,12 +144,12 @@ def generate_all(model, prompts: list[list[int]], eos_id: int, max_new_tokens: i
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             t0 = time.perf_counter()
-            outs = generate(model, [prompts[i] for i in batch], max_new_tokens, eos_id=eos_id)
+            outs, stops = generate(model, [prompts[i] for i in batch], max_new_tokens, stop_ids=stop_ids)
             if model.embed_tokens.weight.is_cuda:
                 torch.cuda.synchronize()  # kernels run asynchronously: wait before reading the clock
             seconds += time.perf_counter() - t0
-            for i, out in zip(batch, outs):
-                results[i] = Generation(*finish(out, eos_id), n_decoded=len(out))
+            for i, out, stop in zip(batch, outs, stops):
+                results[i] = Generation(out, stop)
             bar.update(len(batch))
     return results, seconds
 
@@ -173,11 +157,12 @@ def generate_all(model, prompts: list[list[int]], eos_id: int, max_new_tokens: i
 # ---- Distribution metrics ---------------------------------------------------------------------
 
 
-def token_kl(z_base: torch.Tensor, z_model: torch.Tensor) -> torch.Tensor:
-    """KL(p_base ‖ p_model) per row of two [n, V] logit chunks, in float32."""
-    _, H_base, _, p_base = log_softmax_stats(z_base)
-    log_p_model = torch.log_softmax(z_model, dim=-1, dtype=torch.float32)
-    return -H_base - torch.einsum("nv,nv->n", p_base, log_p_model)
+def token_kl(base_logits: torch.Tensor, model_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_base ‖ p_model) = Σ_v p_base (log p_base − log p_model) per row of two [n, |V|] logit
+    chunks, in float32."""
+    log_p_base, p_base = log_probs(base_logits)
+    log_p_model, _ = log_probs(model_logits)
+    return row_dot(p_base, log_p_base.sub_(log_p_model))
 
 
 @torch.no_grad()
@@ -188,7 +173,7 @@ def kl_from_base(base, model, seqs, pad_id: int, batch_size: int, chunk: int = S
         batch = seqs[start:start + batch_size]
         h_base, _, mask = response_hidden(base, batch, pad_id)
         h_model, _, _ = response_hidden(model, batch, pad_id)
-        kl = torch.cat([token_kl(z_base, z_model) for z_base, z_model in
+        kl = torch.cat([token_kl(base_logits, model_logits) for base_logits, model_logits in
                         zip(float32_logits(base, h_base, chunk), float32_logits(model, h_model, chunk))])
         sums += spread(mask, kl).sum(-1).tolist()
         counts += mask.sum(-1).tolist()
@@ -201,16 +186,17 @@ def kl_from_base(base, model, seqs, pad_id: int, batch_size: int, chunk: int = S
 def evaluate_model(model, tok, examples, args) -> tuple[dict, list[dict]]:
     """Accuracy and output statistics of one model: (summary, one row per example)."""
     prompts = [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in examples]
-    gens, seconds = generate_all(model, prompts, tok.eos_id, args.max_new_tokens, args.batch_size, "  answers")
+    stops = (tok.eos_id,)
+    gens, seconds = generate_all(model, prompts, stops, args.max_new_tokens, args.batch_size, "  answers")
     rows = []
     for ex, g in zip(examples, gens):
-        text = tok.decode([t for t in g.tokens if t != tok.eos_id])
+        text = tok.decode([t for t in g.tokens if t not in stops])
         pred, rule = find_answer(text)
         rows.append({"id": ex.id, "line": ex.line, "question": ex.prompt[-1]["content"], "output": text,
                      "gold": ex.answer, "pred": pred, "rule": rule, "correct": answers_match(pred, ex.answer),
                      "stop": g.stop, "n_tokens": len(g.tokens)})
     n, k = len(rows), sum(r["correct"] for r in rows)
-    decoded = sum(g.n_decoded for g in gens)
+    decoded = sum(len(g.tokens) for g in gens)
     summary = {
         "n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
         "no_answer_share": sum(r["pred"] is None for r in rows) / n,
@@ -338,6 +324,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=512, help="longest answer")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     ap.add_argument("--ddt", action="store_true", help="also compute φ of the reference solutions per model")
+    ap.add_argument("--end-of-turn", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --ddt: score each reference's end-of-turn token too, as training sees it; "
+                         "--no-end-of-turn scores the text alone, like the authors' demo and its −0.05 / −0.1 "
+                         "thresholds")
     ap.add_argument("--base", default=None, help="with --ddt: measure each model's KL(base ‖ model)")
     ap.add_argument("--general-prompts", default=None,
                     help="instructions for the KL drift: text file, one per line, or JSONL (default: built-in 50)")
@@ -366,7 +356,7 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         return run(args, argv if argv is not None else sys.argv[1:])
-    except UserError as e:
+    except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -387,7 +377,8 @@ def run(args, argv) -> int:
         base, base_tok = load(base_dir, args)
         print(f"base {args.base}: greedy answers to the general prompts", file=sys.stderr)
         prompts = [base_tok.encode_chat(m, add_generation_prompt=True) for m in chats]
-        gens, _ = generate_all(base, prompts, base_tok.eos_id, args.general_max_new_tokens, args.batch_size, "  base")
+        gens, _ = generate_all(base, prompts, (base_tok.eos_id,), args.general_max_new_tokens, args.batch_size,
+                               "  base")
         drift_seqs = [(p + g.tokens, len(p)) for p, g in zip(prompts, gens)]
 
     results = []
@@ -399,8 +390,11 @@ def run(args, argv) -> int:
             raise UserError(f"{name}: KL from --base {args.base} needs the same tokenizer and vocabulary")
         summary, rows = evaluate_model(model, tok, examples, args)
         if args.ddt:
+            skip_ids = () if args.end_of_turn else (tok.eos_id,)
+            print(f"  φ of the references: {'with' if args.end_of_turn else 'without'} the end-of-turn token",
+                  file=sys.stderr)
             phi_rows = score_examples(model, [encode_example(tok, ex) for ex in examples], tok.pad_id, args.batch_size,
-                                      progress=True)
+                                      progress=True, skip_ids=skip_ids)
             for row, phi in zip(rows, phi_rows):
                 row["ref_phi"] = phi
             summary["phi"] = phi_summary(phi_rows)
@@ -424,7 +418,7 @@ def run(args, argv) -> int:
         "command": "python eval.py " + shlex.join(argv), "versions": versions(),
         "data": {"path": str(args.data), "sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
                  "n_examples": len(examples), "limit": args.limit},
-        "settings": {k: getattr(args, k) for k in ("max_new_tokens", "batch_size", "device", "dtype",
+        "settings": {k: getattr(args, k) for k in ("max_new_tokens", "batch_size", "device", "dtype", "end_of_turn",
                                                      "general_max_new_tokens", "general_prompts")},
         "base": None if base is None else {"name": args.base, "path": str(base_dir), "n_prompts": len(drift_seqs)},
         "models": results,

@@ -6,33 +6,35 @@ One model, two prompts per example, decoded together token by token:
                   an instruction to solve the problem as if for the first time (HINT_TEMPLATE)
     plain stream  q_t = π_θ(· | plain prompt, y_<t)   the question alone, as at training time
 
-At every step (`mix_step`):
+At every step, for the B examples still decoding (`hinted_generate`'s loop, in this order):
 
-    h_t = H(p_t) / log|V|                  normalized entropy of the hint stream, in [0, 1];
-                                           |V| = the tokenizer's real vocabulary size (regular +
-                                           special tokens), not the possibly padded embedding
-                                           rows, so h = 1 means "uniform over real tokens"
-    λ_t = clamp(β · h_t, 0, 1)             mode "linear" (default)
+    h_t = H(p_t) / log|V|                  normalized entropy of the hint stream, in [0, 1]
+                                           (ddt.entropy); |V| = the tokenizer's real vocabulary
+                                           (regular + special tokens), not the possibly padded
+                                           embedding rows, so h = 1 means "uniform over tokens"
+    λ_t = clamp(β · h_t, 0, 1)             mode "linear" (default)         `mixing_weight`
         = σ(β · (h_t − c))                 mode "sigmoid", c = sigmoid_center
         = 0 below h1, 1 above h2, linear   mode "piecewise", (h1, h2) = piecewise_bounds (β unused)
-    z_t = (1 − λ_t) log p_t + λ_t log q_t  the geometric mixture m ∝ p^(1−λ) q^λ, in log space
+    λ_t = 1 once the text so far contains the splitter (`\\boxed{`, or `####` for GSM8K): the
+          plain stream alone to the end, so the final answer is the model's own
+    λ_t = 0 for the first token: the hint stream alone
+    z_t = (1 − λ_t) log p_t + λ_t log q_t  the geometric mixture m ∝ p^(1−λ) q^λ in log space
+                                           (`log_mixture`)
     y_t ~ z_t                              argmax at temperature 0, else top-p then temperature
                                            (model.sample_next), appended to *both* streams
 
 Where the hint stream is sure (a number, a key step) it leads; where it hesitates (phrasing,
-connectives, length) the model's own plain stream leads. Rules: the first token comes from the
-hint stream alone (λ = 0); once the generated text contains the splitter (`\\boxed{`, or `####`
-for GSM8K) the plain stream decodes alone (λ = 1) to the end, so the final answer is the
-model's own; stop at EOS, at max_new_tokens, or when some 30-token window has occurred 5 times
-(checked every 100 tokens). β = 0 in linear mode is the "self-distillation" baseline (pure hint
-stream).
+connectives, length) the model's own plain stream leads. Stops (model.finish_reason, the rule
+`generate` uses too): a stop id, max_new_tokens, or some 30-token window seen 5 times (checked
+every 100 tokens). β = 0 in linear mode is the "self-distillation" baseline (pure hint stream).
 
 Unlike the authors' demo (two model copies, batch 1, two forwards per token, no KV cache, so
 every step recomputes the whole prefix), `hinted_generate` stacks the B hint rows and the B
 plain rows of a batch into one batch of 2B rows through one copy of the weights, with a static
 KV cache, left padding and per-row positions (model.KVCache): one forward per token for all
 rows. When a quarter of the examples still in the batch have finished, their rows are dropped
-from the batch and the cache. On CUDA the one-token forward is compiled with CUDA graphs.
+from the batch and the cache. On CUDA the one-token forward is compiled with CUDA graphs
+(model.decode_step).
 
 The pipeline (`python hinted_decode.py --data FILE.jsonl --out OUT.jsonl`):
   1. the model answers every question plainly; answers that verify are kept ("on_policy");
@@ -50,24 +52,22 @@ a crash, and refuses files whose records are not examples of --data.
 """
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from data import Example, UserError, answers_match, encode_example, extract_answer, find_answer, load_examples
-from ddt import score_examples
-from model import KVCache, Transformer, generate, left_pad, sample_next
+import model as decoding  # the stop rule and the compaction threshold live with `generate`
+from data import (Example, UserError, answers_match, append_record, drop_torn_tail, encode_example, extract_answer,
+                  find_answer, load_examples, read_log)
+from ddt import entropy, log_probs, score_examples
+from model import (CheckpointError, KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad,
+                   sample_next)
 
 MODES = ("linear", "sigmoid", "piecewise")
-REPETITION_WINDOW, REPETITION_COUNT, REPETITION_EVERY = 30, 5, 100
-COMPACT_FRACTION = 0.25  # drop finished rows once this share of the batch has finished
 PREFILL_ROWS = 16  # prompt rows run through the model at once: bounds the prefill's activations
 ANALYSIS_HEADER = "# CoT"  # the analysis prefix is cut at the last line starting with this
 
@@ -124,41 +124,13 @@ def mixing_weight(h: torch.Tensor, beta: float, mode: str = "linear", sigmoid_ce
     raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
-def mix_step(hint_logits, plain_logits, lam_override, log_vocab, beta, mode, sigmoid_center, piecewise_bounds):
-    """z = (1 − λ) log p + λ log q for [B, V] logits; λ = lam_override where it is not NaN."""
-    log_p = torch.log_softmax(hint_logits.float(), dim=-1)
-    log_q = torch.log_softmax(plain_logits.float(), dim=-1)
-    h = -(log_p.exp() * log_p).sum(-1) / log_vocab  # H(p) / log|V|, H as in SPEC §2
-    lam = mixing_weight(h, beta, mode, sigmoid_center, piecewise_bounds)
-    lam = torch.where(lam_override.isnan(), lam, lam_override)
+def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """z = (1 − λ) log p + λ log q per row ([B, |V|], λ [B]): the geometric mixture m ∝ p^(1−λ) q^λ
+    in log space (unnormalized; argmax, top-p and temperature do not need the constant)."""
     return (1.0 - lam)[:, None] * log_p + lam[:, None] * log_q
 
 
-def repeats(tokens: list[int], window: int = REPETITION_WINDOW, count: int = REPETITION_COUNT) -> bool:
-    """Has some run of `window` consecutive tokens occurred at least `count` times?"""
-    seen = Counter(tuple(tokens[i:i + window]) for i in range(len(tokens) - window + 1))
-    return bool(seen) and max(seen.values()) >= count
-
-
 # ---- Batched two-stream decoding ---------------------------------------------------------------
-
-_compiled_forward = None
-
-
-def last_logits(model: Transformer, tokens, slots, cache: KVCache) -> torch.Tensor:
-    """Logits of each row's last position only (the prefill never needs [rows, T, V])."""
-    return F.linear(model.hidden_states(tokens, slots, cache)[:, -1], model.output_weight)
-
-
-def decode_forward(compiled: bool):
-    """The one-token forward; on CUDA compiled once per process with CUDA graphs (static
-    shapes: a new shape, after a compaction, is captured once more). Untested: no GPU here."""
-    global _compiled_forward
-    if not compiled:
-        return last_logits
-    if _compiled_forward is None:
-        _compiled_forward = torch.compile(last_logits, mode="reduce-overhead", fullgraph=True)
-    return _compiled_forward
 
 
 def prefill(model: Transformer, tokens, cache: KVCache, n_hint: int) -> torch.Tensor:
@@ -180,7 +152,7 @@ def prefill(model: Transformer, tokens, cache: KVCache, n_hint: int) -> torch.Te
 
 @torch.no_grad()
 def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_prompts: list[list[int]], *,
-                    beta: float, mode: str = "linear", max_new_tokens: int, eos_id=None,
+                    beta: float, mode: str = "linear", max_new_tokens: int, stop_ids=(),
                     temperature: float = 0.0, top_p: float = 1.0, first_from_hint: bool = True,
                     splitter=None, tokenizer=None, seed=None, sigmoid_center: float = 0.5,
                     piecewise_bounds: tuple[float, float] = (0.3, 0.7), repetition_stop: bool = True,
@@ -194,8 +166,8 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     repetition_stop=False decodes on through repeated windows (benchmarks with fixed lengths).
     compile: compile the decode step (default: on CUDA only).
 
-    Returns (tokens, finish): tokens[b] are the new ids, up to and including EOS when it is
-    produced; finish[b] is "eos", "length" or "repetition".
+    Returns (tokens, finish): tokens[b] are the new ids, up to and including the stop id when
+    one is produced; finish[b] is "eos", "length" or "repetition" (model.finish_reason).
     """
     B = len(hint_prompts)
     if B == 0 or len(plain_prompts) != B:
@@ -211,7 +183,8 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
         raise ValueError("a splitter is matched on the decoded text: pass tokenizer= as well")
     device = model.output_weight.device
     compile = device.type == "cuda" if compile is None else compile
-    forward = decode_forward(compile)
+    forward = decode_step(compile)
+    stop_ids = frozenset(stop_ids)
     log_vocab = math.log(tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
@@ -219,9 +192,8 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     tokens, pad = left_pad(list(hint_prompts) + list(plain_prompts), 0, device)
     width = tokens.shape[1]
     cache = model.new_cache(pad, width + max_new_tokens)
-    if compile:  # CUDA graphs may then keep reading and writing the cache where it is
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
+    if compile:
+        cache.mark_static()
     logits = prefill(model, tokens, cache, B)
 
     out = [[] for _ in range(B)]
@@ -230,34 +202,29 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     active = list(range(B))  # the example behind each row pair still in the batch
     for step in range(max_new_tokens):
         n = len(active)
-        lam = [1.0 if switched[b] else 0.0 if step == 0 and first_from_hint else math.nan for b in active]
-        z = mix_step(logits[:n], logits[n:], torch.tensor(lam, device=device), log_vocab,
-                     beta, mode, sigmoid_center, piecewise_bounds)
-        nxt = sample_next(z, temperature, top_p, generator)
+        log_p, p = log_probs(logits[:n])  # hint stream p_t
+        log_q, _ = log_probs(logits[n:])  # plain stream q_t
+        h = entropy(log_p, p) / log_vocab  # the hint stream's normalized entropy, in [0, 1]
+        lam = mixing_weight(h, beta, mode, sigmoid_center, piecewise_bounds)
+        lam = torch.where(torch.tensor([switched[b] for b in active], device=device), 1.0, lam)
+        if step == 0 and first_from_hint:
+            lam = torch.zeros_like(lam)  # the first token comes from the hint stream alone
+        nxt = sample_next(log_mixture(log_p, log_q, lam), temperature, top_p, generator)
         for b, t in zip(active, nxt.tolist()):
             if finish[b] is not None:  # a finished row that is still in the batch: ignore it
                 continue
             out[b].append(t)
-            if t == eos_id:
-                finish[b] = "eos"
-            elif len(out[b]) == max_new_tokens:
-                finish[b] = "length"
-            elif repetition_stop and len(out[b]) % REPETITION_EVERY == 0 and repeats(out[b]):
-                finish[b] = "repetition"
-            elif splitters[b] and not switched[b]:
+            finish[b] = finish_reason(out[b], stop_ids, max_new_tokens, repetition_stop)
+            if finish[b] is None and splitters[b] and not switched[b]:
                 # the newest text can only complete a first occurrence in its last len(splitter) bytes
                 tail = out[b][-len(splitters[b].encode("utf-8")):]
                 switched[b] = splitters[b] in tokenizer.decode(tail)
         keep = [i for i, b in enumerate(active) if finish[b] is None]
         if not keep:
             break
-        if n - len(keep) >= COMPACT_FRACTION * n:
+        if n - len(keep) >= decoding.COMPACT_FRACTION * n:
             idx = torch.tensor(keep, device=device)
-            rows = torch.cat([idx, idx + n])
-            cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.pad[rows])
-            if compile:
-                torch._dynamo.mark_static_address(cache.k)
-                torch._dynamo.mark_static_address(cache.v)
+            cache = cache.select(torch.cat([idx, idx + n]), compile)
             nxt, active = nxt[idx], [active[i] for i in keep]
         slot = torch.tensor([width + step], device=device)
         logits = forward(model, torch.cat([nxt, nxt])[:, None], slot, cache).float()
@@ -296,8 +263,9 @@ def auto_splitter(example: Example) -> str | None:
     return SPLITTERS.get(find_answer(example.response)[1])
 
 
-def strip_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[:-1] if ids and ids[-1] == eos_id else ids
+def strip_stop(ids: list[int], stop_ids) -> list[int]:
+    """The response without the stop token that ended it."""
+    return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
 def accept(text: str, finish: str, gold: str) -> bool:
@@ -326,38 +294,16 @@ def failed_path(out: Path) -> Path:
     return out.with_name(out.stem + ".failed" + (out.suffix or ".jsonl"))
 
 
-def read_records(path: Path) -> tuple[list[dict], int]:
-    """Complete records of an output file, and the byte length up to the last complete line.
-
-    A last line without its newline is what a crash in the middle of a write leaves: it is not
-    a record (the caller cuts it off before appending); its example is simply done again.
-    """
-    if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    records = []
-    for lineno, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path}:{lineno}: not a JSON record (was this file written by hinted_decode.py?)") from None
-        if not isinstance(rec, dict) or "id" not in rec or "prompt" not in rec:
-            raise UserError(f"{path}:{lineno}: not a hinted_decode.py record (no 'id' or 'prompt' field)")
-        rec["_line"] = lineno
-        records.append(rec)
-    return records, end
-
-
 def check_resume(examples: list[Example], files: dict) -> dict[str, dict]:
-    """Records already written, by example id; refuse files written from another --data."""
+    """Records already written (files: path -> data.read_log result), by example id; refuse
+    files written by another program or from another --data."""
     by_id = {ex.id: ex for ex in examples}
     done = {}
     for path, (records, _) in files.items():
         for rec in records:
             where = f"{path}:{rec.pop('_line')}"
+            if "id" not in rec or "prompt" not in rec:
+                raise UserError(f"{where}: not a hinted_decode.py record (no 'id' or 'prompt' field)")
             ex = by_id.get(str(rec["id"]))
             if ex is None or rec["prompt"] != ex.prompt:
                 raise UserError(f"{where}: record {rec['id']!r} is not an example of --data {examples[0].source} "
@@ -366,19 +312,6 @@ def check_resume(examples: list[Example], files: dict) -> dict[str, dict]:
                 raise UserError(f"{where}: example {ex.id!r} is recorded twice; choose another --out")
             done[ex.id] = rec
     return done
-
-
-def repair_torn_tail(path: Path, end: int):
-    if path.exists() and path.stat().st_size > end:
-        print(f"{path}: dropping an incomplete last line ({path.stat().st_size - end} bytes) "
-              "left by an interrupted run; its example is done again", file=sys.stderr)
-        os.truncate(path, end)
-
-
-def append_record(f, record: dict):
-    """One record per line, flushed at once: an interruption loses at most the line being written."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
 
 
 # ---- The pipeline ------------------------------------------------------------------------------
@@ -399,15 +332,14 @@ def make_record(model, tokenizer, ex: Example, text: str | None, source: str, fi
 
 def rewrite_batch(model, tokenizer, batch: list[Example], args, seed, write):
     """Steps 1-4 of the pipeline for one batch; `write(record)` appends a record."""
-    eos = tokenizer.eos_id
+    stops = (tokenizer.eos_id,)
     plain = [tokenizer.encode_chat(ex.prompt, add_generation_prompt=True) for ex in batch]
-    own = generate(model, plain, args.max_new_tokens, eos_id=eos, temperature=args.temperature,
-                   top_p=args.top_p, seed=seed)
+    own, own_finish = generate(model, plain, args.max_new_tokens, stop_ids=stops, temperature=args.temperature,
+                               top_p=args.top_p, seed=seed)
     ref_phi = {ex.id: phi_stats(model, tokenizer, ex.prompt, ex.response) for ex in batch}
     todo = []
-    for ex, ids, prompt in zip(batch, own, plain):
-        text = tokenizer.decode(strip_eos(ids, eos))
-        finish = "eos" if ids[-1] == eos else "length"
+    for ex, ids, finish, prompt in zip(batch, own, own_finish, plain):
+        text = tokenizer.decode(strip_stop(ids, stops))
         if accept(text, finish, ex.answer):
             write(make_record(model, tokenizer, ex, text, "on_policy", finish, ref_phi[ex.id]))
         else:
@@ -417,10 +349,10 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, seed, write):
 
     hints = [tokenizer.encode_chat(hint_messages(ex, args.analysis), add_generation_prompt=True) for ex, _ in todo]
     if args.analysis:  # greedy "# Analysis ... # CoT" prefix, cut at the last '# CoT' header
-        drafts = generate(model, hints, args.analysis_max_tokens, eos_id=eos)
+        drafts, _ = generate(model, hints, args.analysis_max_tokens, stop_ids=stops)
         kept = []
         for (ex, prompt), hint, draft in zip(todo, hints, drafts):
-            prefix = cut_analysis(tokenizer.decode(strip_eos(draft, eos)))
+            prefix = cut_analysis(tokenizer.decode(strip_stop(draft, stops)))
             if prefix is None:
                 print(f"{ex.source}:{ex.line}: no '{ANALYSIS_HEADER}' header in the analysis; skipped", file=sys.stderr)
                 write(make_record(model, tokenizer, ex, None, "failed", "no_analysis", ref_phi[ex.id]))
@@ -433,10 +365,10 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, seed, write):
     splitters = [auto_splitter(ex) if args.splitter == "auto" else args.splitter for ex, _ in todo]
     new, finishes = hinted_generate(
         model, hints, [p for _, p in todo], beta=args.beta, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        eos_id=eos, temperature=args.temperature, top_p=args.top_p, splitter=splitters, tokenizer=tokenizer,
+        stop_ids=stops, temperature=args.temperature, top_p=args.top_p, splitter=splitters, tokenizer=tokenizer,
         seed=seed, sigmoid_center=args.sigmoid_center, piecewise_bounds=tuple(args.piecewise_bounds))
     for (ex, _), ids, finish in zip(todo, new, finishes):
-        text = tokenizer.decode(strip_eos(ids, eos))
+        text = tokenizer.decode(strip_stop(ids, stops))
         source = "hinted" if accept(text, finish, ex.answer) else "failed"
         write(make_record(model, tokenizer, ex, text, source, finish, ref_phi[ex.id]))
 
@@ -468,7 +400,7 @@ def run_pipeline(args) -> int:
     out, failed = Path(args.out), failed_path(Path(args.out))
     if Path(args.data).resolve() in (out.resolve(), failed.resolve()):
         raise UserError(f"--out {out}: would write into --data itself; choose another --out")
-    files = {path: read_records(path) for path in (out, failed)}
+    files = {path: read_log(path, "hinted_decode.py") for path in (out, failed)}
     done = check_resume(examples, files)
     todo = [ex for ex in examples if ex.id not in done]
     print(f"{len(examples)} examples, {len(done)} already in {out}, {len(todo)} to do", file=sys.stderr)
@@ -476,7 +408,7 @@ def run_pipeline(args) -> int:
         tokenizer = Tokenizer.from_pretrained(args.model)
         model = Transformer.from_pretrained(args.model, device=args.device)
         for path, (_, end) in files.items():
-            repair_torn_tail(path, end)
+            drop_torn_tail(path, end)  # its example is simply done again
         out.parent.mkdir(parents=True, exist_ok=True)
         records = list(done.values())
         start = time.perf_counter()
@@ -514,13 +446,13 @@ def run_demo(args) -> int:
     tokenizer = Tokenizer.from_pretrained(args.model)
     model = Transformer.from_pretrained(args.model, device=args.device)
     ex = Example("demo", [{"role": "user", "content": DEMO_QUESTION}], DEMO_REFERENCE, "58", 0, "demo")
-    eos = tokenizer.eos_id
+    stops = (tokenizer.eos_id,)
     plain = tokenizer.encode_chat(ex.prompt, add_generation_prompt=True)
     hint = tokenizer.encode_chat(hint_messages(ex), add_generation_prompt=True)
     splitter = auto_splitter(ex) if args.splitter == "auto" else args.splitter
-    knobs = dict(max_new_tokens=args.max_new_tokens, eos_id=eos, temperature=args.temperature,
+    knobs = dict(max_new_tokens=args.max_new_tokens, stop_ids=stops, temperature=args.temperature,
                  top_p=args.top_p, seed=args.seed)
-    [own] = generate(model, [plain], **knobs)
+    [own], _ = generate(model, [plain], **knobs)
     hinted = {}
     for beta in (0.0, args.beta):
         [ids], _ = hinted_generate(model, [hint], [plain], beta=beta, mode=args.mode, splitter=splitter,
@@ -529,9 +461,10 @@ def run_demo(args) -> int:
         hinted[beta] = ids
     print(f"Question: {DEMO_QUESTION}\n")
     shown = [("reference solution", ex.response),
-             ("the model's own answer", tokenizer.decode(strip_eos(own, eos))),
-             ("β = 0 rewrite (hint stream alone)", tokenizer.decode(strip_eos(hinted[0.0], eos))),
-             (f"hinted rewrite (β = {args.beta:g}, {args.mode})", tokenizer.decode(strip_eos(hinted[args.beta], eos)))]
+             ("the model's own answer", tokenizer.decode(strip_stop(own, stops))),
+             ("β = 0 rewrite (hint stream alone)", tokenizer.decode(strip_stop(hinted[0.0], stops))),
+             (f"hinted rewrite (β = {args.beta:g}, {args.mode})",
+              tokenizer.decode(strip_stop(hinted[args.beta], stops)))]
     for title, text in shown:
         s = phi_stats(model, tokenizer, ex.prompt, text)
         verdict = "correct" if answers_match(extract_answer(text), ex.answer) else "wrong"
@@ -605,7 +538,7 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         return run_pipeline(args) if args.data else run_demo(args)
-    except UserError as e:
+    except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

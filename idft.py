@@ -21,35 +21,40 @@ gives γ = 1, so a schedule that starts at λ = 0 starts as DFT. Defaults β = 1
     "idft_v1"  loss_t = −p^stopgrad(γ) · log p: only the exponent is detached (first paper version),
                so ∇loss_t = −p^γ (1 + γ log p) ∇log p, which pushes *down* tokens with p < e^{−1/γ}.
     b=...      hard-threshold ablation for idft / idft_v1: loss_t times 1[−b < φ_t < b] (phi_band);
-               tokens cut by the band still count in the denominator.
+               tokens cut by the band still count in the denominator. The authors' code has
+               the band on the v1 loss only: theirs is `--loss idft_v1 --threshold b`.
 
 Normalization: `token_loss_sum` returns the *sum* of loss_t over valid tokens and their count,
 so a trainer divides once by the number of valid tokens of the whole optimizer step (all
 micro-batches, all ranks). `sft_loss`, `idft_loss`, ... are the per-batch means.
 
 Two paths compute the same numbers:
-- reference (`token_loss_sum`): from full logits [..., V], autograd does the rest. Readable,
-  but holds several [tokens × V] float32 tensors (logits, log-softmax, their gradients).
+- reference (`token_loss_sum`): from full logits [..., |V|], autograd does the rest. Readable,
+  but holds several [tokens × |V|] float32 tensors (logits, log-softmax, their gradients).
 - memory-lean (`chunked_loss`): from the final hidden states [..., D] and the output matrix
-  W [V, D], chunk by chunk over tokens. Every method's loss depends on the logits z only through
+  W [|V|, D], chunk by chunk over tokens. Every method's loss depends on the logits only through
   ℓ_t = log p_t(y_t) (φ, H, w are detached; in idft_v1 only γ is), so by the chain rule
 
-      ∂loss_t/∂z_t = (∂loss_t/∂ℓ_t) · (onehot(y_t) − p_t)
+      ∂loss_t/∂logits_t = (∂loss_t/∂ℓ_t) · (onehot(y_t) − p_t)
 
   with ∂loss_t/∂ℓ_t = −w_t for the detached-weight methods and, for idft_v1,
-  d/dℓ [−exp(γ ℓ) ℓ] = −p^γ (1 + γ ℓ_t)  (`loss_slope`). The forward pass computes g = ∂loss/∂z
-  per chunk, turns it into ∂/∂h = g W and ∂/∂W = gᵀ h, and keeps only those ([tokens × D] and
-  [V × D]); backward scales them by the incoming gradient. Both paths take w_t and γ_t from
-  `token_weights`; the tests check the chunked gradients against autograd on the reference.
+  d/dℓ [−exp(γ ℓ) ℓ] = −p^γ (1 + γ ℓ_t)  (`loss_slope`). The forward pass computes
+  g = ∂loss/∂logits per chunk, turns it into ∂/∂hidden = g W and ∂/∂W = gᵀ hidden, and keeps
+  only those ([tokens × D] and [|V| × D]); backward scales them by the incoming gradient. Both
+  paths take w_t and γ_t from `token_weights`; the tests check the chunked gradients against
+  autograd on the reference.
 
-Logged statistics (`loss_stats`): over valid tokens, mean / std / min / max / median of φ and γ,
-and 10-bin histograms of φ over [−3β, 3β] and γ over [γ_min, γ_max].
+Logged statistics (`loss_stats`): over the valid tokens of the whole optimizer step (every
+micro-batch; train.py sums them over ranks), mean / population std / min / max /
+interpolated median of φ and γ, and 10-bin histograms (counts) of φ over [−3β, 3β] and γ over
+[γ_min, γ_max], values outside the range counted in the edge bins. The authors log the last
+micro-batch of rank 0 only, with the unbiased std, the lower median and ratios of in-range
+values (out-of-range φ dropped); README "where ours departs" lists these.
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ddt import log_softmax_stats, token_stats
 
@@ -79,11 +84,11 @@ def idft_gamma(phi, beta=1.0, gamma_min=0.1, gamma_max=2.0, lam=1.0):
     return 1 + lam * (gamma_raw - 1)
 
 
-def eaft_entropy(z, H, top_k=None):
+def eaft_entropy(logits, H, top_k=None):
     """EAFT's normalized entropy h_t ∈ [0, 1]: H_t / log|V|, or over the top_k logits H_K / log K."""
     if top_k is None:
-        return H / math.log(z.shape[-1])
-    top = z.reshape(-1, z.shape[-1]).topk(top_k, dim=-1).values
+        return H / math.log(logits.shape[-1])
+    top = logits.reshape(-1, logits.shape[-1]).topk(top_k, dim=-1).values
     _, H_k, _, _ = log_softmax_stats(top)
     return H_k.view(H.shape) / math.log(top_k)
 
@@ -103,8 +108,8 @@ def token_weights(method, logp, phi, h=None, *, beta=1.0, gamma_min=0.1, gamma_m
         return h, None
     if method in ("idft", "idft_v1"):
         gamma = idft_gamma(phi, beta, gamma_min, gamma_max, lam)
-        # p^γ as exp(γ ℓ): exactly 1 at γ = 0, and no 0^γ when p underflows
-        return phi_band(phi, b) * torch.exp(gamma * logp), gamma
+        w = torch.exp(gamma * logp)  # w_t = p_t(y_t)^γ_t as exp(γ ℓ): exactly 1 at γ = 0, no 0^γ
+        return phi_band(phi, b) * w, gamma
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
@@ -174,7 +179,7 @@ def token_loss_sum(method, logits, targets, mask, *, beta=1.0, gamma_min=0.1, ga
                    b=None, top_k=None, return_stats=True, return_tokens=False):
     """Reference path: (Σ_valid loss_t, number of valid tokens, extra).
 
-    logits [..., V] (any float dtype; softmax math in float32) score targets [...]; mask [...]
+    logits [..., |V|] (any float dtype; softmax math in float32) score targets [...]; mask [...]
     is 1 on the tokens to train on. Targets under mask 0 may hold anything (e.g. −100).
     extra: with return_tokens, (φ, γ) of the valid tokens as detached 1-D tensors (γ is None
     for non-IDFT methods), so a trainer can summarize a whole optimizer step with
@@ -185,9 +190,11 @@ def token_loss_sum(method, logits, targets, mask, *, beta=1.0, gamma_min=0.1, ga
     valid = mask.bool()
     targets = targets.masked_fill(~valid, 0)
     st = token_stats(logits.detach(), targets)  # φ_t, H_t in float32, no gradient
-    z = logits.float()
-    logp = -F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
-    h = eaft_entropy(z.detach(), st.H, top_k) if method == "eaft" else None
+    logits32 = logits.float()
+    # ℓ_t = z_t[y_t] − logsumexp(z_t), the one input with a gradient (logsumexp stays within 1e-6
+    # of float64 at |V| = 152k, where torch's CPU log_softmax errs by up to 5e-5)
+    logp = logits32.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits32, dim=-1)
+    h = eaft_entropy(logits32.detach(), st.H, top_k) if method == "eaft" else None
     loss_t, gamma = per_token_loss(method, logp, st.phi, h, beta=beta, gamma_min=gamma_min,
                                    gamma_max=gamma_max, lam=lam, b=b)
     loss_sum = torch.where(valid, loss_t, 0.0).sum()
@@ -228,33 +235,33 @@ def idft_v1_loss(logits, targets, mask, beta=1.0, gamma_min=0.1, gamma_max=2.0, 
                       gamma_max=gamma_max, lam=lam, b=b)
 
 
-def _chunk_forward(method, h_c, y_c, weight, grad_W, need_h, top_k, loss_knobs):
-    """One chunk of valid tokens: (loss_t, φ, γ, ∂loss/∂h_c or None); adds ∂loss/∂W into grad_W.
+def _chunk_forward(method, hidden_c, y_c, weight, grad_W, need_hidden, top_k, loss_knobs):
+    """One chunk of valid tokens: (loss_t, φ, γ, ∂loss/∂hidden_c or None); adds ∂loss/∂W into grad_W.
 
-    A function of its own so that the chunk's [chunk × V] buffers are freed on return.
+    A function of its own so that the chunk's [chunk × |V|] buffers are freed on return.
     """
-    z = h_c @ weight.T  # logits of the chunk, in the input dtype (bf16 matmul on GPU)
-    logp, H, _, p = log_softmax_stats(z, y_c)  # float32 from here on
-    phi = logp + H
-    h = eaft_entropy(z, H, top_k) if method == "eaft" else None
-    del z
+    logits = hidden_c @ weight.T  # the chunk's logits, in the input dtype (bf16 matmul on GPU)
+    logp, H, _, p = log_softmax_stats(logits, y_c)  # float32 from here on
+    phi = logp + H  # φ_t = ℓ_t + H_t
+    h = eaft_entropy(logits, H, top_k) if method == "eaft" else None
+    del logits
     w, gamma = token_weights(method, logp, phi, h, **loss_knobs)
     loss_t = -w * logp  # also the value of idft_v1's loss (only its gradient differs)
-    grad_h = None
-    if need_h or grad_W is not None:
-        # ∂loss/∂z = ∂loss/∂ℓ · (onehot − p), built in place in the p buffer
+    grad_hidden = None
+    if need_hidden or grad_W is not None:
+        # ∂loss/∂logits = ∂loss/∂ℓ · (onehot − p), built in place in the p buffer
         slope = loss_slope(method, logp, w, gamma)
         g = p.mul_(-slope[:, None])
         g[torch.arange(len(y_c), device=g.device), y_c] += slope
         g = g.to(weight.dtype)
-        if need_h:
-            grad_h = g @ weight
+        if need_hidden:
+            grad_hidden = g @ weight
         if grad_W is not None:  # float32 accumulator, even for bf16 weights (rounded once at the end)
             if g.dtype == torch.float32:
-                grad_W.addmm_(g.T, h_c)  # in place: no [V × D] temporary per chunk
+                grad_W.addmm_(g.T, hidden_c)  # in place: no [|V| × D] temporary per chunk
             else:
-                grad_W += g.T @ h_c
-    return loss_t, phi, gamma, grad_h
+                grad_W += g.T @ hidden_c
+    return loss_t, phi, gamma, grad_hidden
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -264,52 +271,53 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, mask, method, loss_knobs, top_k, chunk_size):
         D = hidden.shape[-1]
         rows = mask.reshape(-1).bool().nonzero().squeeze(1)  # only valid tokens are ever computed
-        h_valid = hidden.reshape(-1, D)[rows]
+        hidden_valid = hidden.reshape(-1, D)[rows]
         y_valid = targets.reshape(-1)[rows]
         n = rows.numel()
-        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h_valid = torch.empty_like(h_valid) if need_h else None
+        need_hidden, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden_valid = torch.empty_like(hidden_valid) if need_hidden else None
         grad_W = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_W else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         phi_valid = torch.empty(n, dtype=torch.float32, device=hidden.device)
         gamma_valid = torch.empty(n if method in ("idft", "idft_v1") else 0, device=hidden.device)
         for i in range(0, n, chunk_size):
             c = slice(i, i + chunk_size)
-            loss_t, phi_valid[c], gamma, grad_h_c = _chunk_forward(
-                method, h_valid[c], y_valid[c], weight, grad_W, need_h, top_k, loss_knobs)
+            loss_t, phi_valid[c], gamma, grad_hidden_c = _chunk_forward(
+                method, hidden_valid[c], y_valid[c], weight, grad_W, need_hidden, top_k, loss_knobs)
             loss_sum += loss_t.sum()
             if gamma is not None:
                 gamma_valid[c] = gamma
-            if need_h:
-                grad_h_valid[c] = grad_h_c
+            if need_hidden:
+                grad_hidden_valid[c] = grad_hidden_c
 
-        grad_h = None
-        if need_h:
-            grad_h = torch.zeros_like(hidden).reshape(-1, D).index_copy_(0, rows, grad_h_valid).view(hidden.shape)
-        ctx.save_for_backward(grad_h, None if grad_W is None else grad_W.to(weight.dtype))
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = (torch.zeros_like(hidden).reshape(-1, D).index_copy_(0, rows, grad_hidden_valid)
+                           .view(hidden.shape))
+        ctx.save_for_backward(grad_hidden, None if grad_W is None else grad_W.to(weight.dtype))
         ctx.mark_non_differentiable(phi_valid, gamma_valid)
         return loss_sum, phi_valid, gamma_valid
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_phi, _grad_gamma):
-        grad_h, grad_W = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        grad_hidden, grad_W = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_W is not None:
             grad_W = grad_W * grad_loss.to(grad_W.dtype)
-        return grad_h, grad_W, None, None, None, None, None, None
+        return grad_hidden, grad_W, None, None, None, None, None, None
 
 
 def chunked_loss(method, hidden, weight, targets, mask, chunk_size=LOSS_CHUNK, *, beta=1.0, gamma_min=0.1,
                  gamma_max=2.0, lam=1.0, b=None, top_k=None, return_stats=True, return_tokens=False):
     """Memory-lean path, same result as token_loss_sum(method, hidden @ weight.T, targets, mask).
 
-    hidden [..., D] final hidden states (after the final norm), weight [V, D] output matrix,
+    hidden [..., D] final hidden states (after the final norm), weight [|V|, D] output matrix,
     targets / mask [...]. Returns (Σ_valid loss_t, number of valid tokens, extra) with extra as
     in token_loss_sum; loss_sum.backward() fills hidden.grad / weight.grad as the reference
-    would. Holds one chunk of logits at a time: about three [chunk_size × V] float32 buffers,
-    plus the saved gradients ([tokens × D] and [V × D], in the inputs' dtypes) and a float32
-    [V × D] accumulator. Not twice differentiable.
+    would. Holds one chunk of logits at a time: about three [chunk_size × |V|] float32 buffers,
+    plus the saved gradients ([tokens × D] and [|V| × D], in the inputs' dtypes) and a float32
+    [|V| × D] accumulator. Not twice differentiable.
     """
     _check(method, mask, targets)
     if hidden.shape[:-1] != targets.shape:

@@ -30,6 +30,7 @@ what lets torch.compile capture the step once on a GPU.
 import argparse
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +40,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data import UserError, atomic_write
+from data import atomic_write
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be loaded as asked: the message names the file or tensors."""
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded as asked: the message names the file or tensors.
+    A user's mistake, like data.UserError: command-line tools print it in one line, exit 2."""
 
 
 @dataclass
@@ -215,6 +217,18 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def mark_static(self):
+        """Tell torch.compile the buffers stay put, so CUDA graphs read and write them in place."""
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
+
+    def select(self, rows: torch.Tensor, static: bool = False) -> "KVCache":
+        """A cache of the given rows only (finished rows leave the batch)."""
+        cache = KVCache(self.k[:, rows], self.v[:, rows], self.pad[rows])
+        if static:
+            cache.mark_static()
+        return cache
+
     def attention_mask(self, slots: torch.Tensor) -> torch.Tensor:
         """[batch, 1, len(slots), max_len] boolean: query at slot q sees slots pad[b]..q.
 
@@ -371,7 +385,7 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """Next token per row from logits [B, V]: argmax at temperature 0; otherwise the nucleus
+    """Next token per row from logits [B, |V|]: argmax at temperature 0; otherwise the nucleus
     (smallest set with probability ≥ top_p, chosen on the untempered distribution), then
     temperature inside it — the order the authors' hinted-decoding demo uses."""
     if temperature == 0.0:
@@ -395,33 +409,93 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return tokens, pad
 
 
+# The stop rule of every decoding loop (SPEC §4): a stop id, the token limit, or some 30-token
+# window seen 5 times, checked every 100 tokens.
+REPETITION_WINDOW, REPETITION_COUNT, REPETITION_EVERY = 30, 5, 100
+COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it has finished
+
+
+def repeats(tokens: list[int], window: int = REPETITION_WINDOW, count: int = REPETITION_COUNT) -> bool:
+    """Has some run of `window` consecutive tokens occurred at least `count` times?"""
+    seen = Counter(tuple(tokens[i:i + window]) for i in range(len(tokens) - window + 1))
+    return bool(seen) and max(seen.values()) >= count
+
+
+def finish_reason(out: list[int], stop_ids, max_new_tokens: int, repetition_stop: bool = True) -> str | None:
+    """Why a row stops after its newest token: "eos" (a stop id), "length", "repetition"; None: go on.
+
+    A stop id or the limit on the same step wins over the repetition check.
+    """
+    if out[-1] in stop_ids:
+        return "eos"
+    if len(out) == max_new_tokens:
+        return "length"
+    if repetition_stop and len(out) % REPETITION_EVERY == 0 and repeats(out):
+        return "repetition"
+    return None
+
+
+def last_logits(model: Transformer, tokens, slots, cache: KVCache) -> torch.Tensor:
+    """Logits of each row's last position only (a prefill never needs [rows, T, |V|])."""
+    return F.linear(model.hidden_states(tokens, slots, cache)[:, -1], model.output_weight)
+
+
+_compiled_last_logits = None
+
+
+def decode_step(compiled: bool):
+    """The one-token forward of the decoding loops. Compiled, it is captured once per process
+    (on CUDA with CUDA graphs: static shapes, so a new batch size after a compaction is captured
+    once more); the cache must then stay where it is (KVCache.mark_static)."""
+    global _compiled_last_logits
+    if not compiled:
+        return last_logits
+    if _compiled_last_logits is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _compiled_last_logits = torch.compile(last_logits, mode=mode, fullgraph=True)
+    return _compiled_last_logits
+
+
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id=None,
-             temperature: float = 0.0, top_p: float = 1.0, seed=None) -> list[list[int]]:
-    """Batched decoding with the static KV cache. Returns each row's new tokens, up to and
-    including EOS when it is produced."""
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
+             temperature: float = 0.0, top_p: float = 1.0, seed=None, repetition_stop: bool = True,
+             compile: bool | None = None) -> tuple[list[list[int]], list[str]]:
+    """Batched decoding with the static KV cache.
+
+    Returns (tokens, finish): each row's new tokens, up to and including the stop id when one
+    is produced, and why it stopped ("eos", "length" or "repetition": `finish_reason`). Rows
+    that finish leave the batch (once COMPACT_FRACTION of it has), so a looping row costs no
+    compute past its stop. compile: compile the decode step (default: on CUDA only).
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
     device = model.embed_tokens.weight.device
+    compile = device.type == "cuda" if compile is None else compile
+    forward = decode_step(compile)
+    stop_ids = frozenset(stop_ids)
     tokens, pad = left_pad(prompts, 0, device)
     width = tokens.shape[1]
     cache = model.new_cache(pad, width + max_new_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    logits = model(tokens, torch.arange(width, device=device), cache)[:, -1]
-    out = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    if compile:
+        cache.mark_static()
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    logits = last_logits(model, tokens, torch.arange(width, device=device), cache)
+    out, finish = [[] for _ in prompts], [None] * len(prompts)
+    active = list(range(len(prompts)))  # the prompt behind each row still in the batch
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
-        for b, t in enumerate(nxt.tolist()):
-            if not done[b]:
+        for b, t in zip(active, nxt.tolist()):
+            if finish[b] is None:  # a finished row still in the batch: ignore it
                 out[b].append(t)
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+                finish[b] = finish_reason(out[b], stop_ids, max_new_tokens, repetition_stop)
+        keep = [i for i, b in enumerate(active) if finish[b] is None]
+        if not keep:
             break
-        slot = torch.tensor([width + step], device=device)
-        logits = model(nxt[:, None], slot, cache)[:, -1]
-    return out
+        if len(active) - len(keep) >= COMPACT_FRACTION * len(active):
+            idx = torch.tensor(keep, device=device)
+            cache, nxt, active = cache.select(idx, compile), nxt[idx], [active[i] for i in keep]
+        logits = forward(model, nxt[:, None], torch.tensor([width + step], device=device), cache)
+    return out, finish
 
 
 def main():
@@ -439,7 +513,7 @@ def main():
         return
     model, tok = Transformer.from_pretrained(args.model), Tokenizer.from_pretrained(args.model)
     prompt = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    [reply] = generate(model, [prompt], args.max_new_tokens, eos_id=tok.eos_id)
+    [reply], _ = generate(model, [prompt], args.max_new_tokens, stop_ids={tok.eos_id})
     print(tok.decode([t for t in reply if t != tok.eos_id]))
 
 

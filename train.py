@@ -35,6 +35,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,8 +45,9 @@ from tqdm import tqdm
 
 import idft
 from data import UserError, atomic_write, encode_example, load_examples
+from ddt import next_token_targets, pad_sequences
 from hub import BUNDLED_NAME, resolve_model_dir
-from model import Transformer
+from model import CheckpointError, Transformer
 from tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
@@ -57,8 +59,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 # ---- Data -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Sequence:
+class Sequence(NamedTuple):
     ids: list[int]  # prompt ++ response ++ end of turn
     n_prompt: int  # the first n_prompt tokens are not trained on
 
@@ -76,18 +77,12 @@ def tokenize_dataset(path, tokenizer, max_len) -> tuple[list[Sequence], int]:
 
 
 def collate(seqs: list[Sequence], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded inputs, targets (shifted by one) and loss mask, [B, T] with T a multiple of LENGTH_BUCKET."""
-    width = max(len(s.ids) - 1 for s in seqs)
-    width = -(-width // LENGTH_BUCKET) * LENGTH_BUCKET
-    inputs = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        n = len(s.ids) - 1
-        inputs[b, :n] = torch.tensor(s.ids[:-1])
-        targets[b, :n] = torch.tensor(s.ids[1:])
-        mask[b, s.n_prompt - 1:n] = True  # target position t predicts ids[t + 1]
-    return inputs.to(device), targets.to(device), mask.to(device)
+    """Right-padded inputs, targets and loss mask (ddt.next_token_targets), [B, T] with T a
+    multiple of LENGTH_BUCKET."""
+    width = -(-max(len(s.ids) - 1 for s in seqs) // LENGTH_BUCKET) * LENGTH_BUCKET
+    tokens, response = pad_sequences(seqs, pad_id, width + 1, device)
+    targets, mask = next_token_targets(tokens, response)
+    return tokens[:, :-1], targets, mask
 
 
 def step_batches(seqs: list[Sequence], step: int, batch_size: int, seed: int, rank: int, world: int,
@@ -301,12 +296,76 @@ def main(argv=None):
             return 0
         check_args(args)
         return train(args)
-    except UserError as e:
+    except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def train(args) -> int:
+@dataclass
+class StepResult:
+    loss: float  # Σ loss_t / N_valid over the whole optimizer step (every micro-batch, every rank)
+    grad_norm: float  # before clipping
+    n_tokens: int  # input tokens this rank ran through the model, padding included (for tokens/s)
+    phi: torch.Tensor  # φ_t of every valid token of the step, all ranks
+    gamma: torch.Tensor | None  # γ_t of the same tokens (IDFT methods only)
+
+
+def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[Sequence]], lam: float, pad_id: int,
+               device, autocast, grad_clip: float, world: int) -> StepResult:
+    """One optimizer step with one loss denominator:
+
+        L = Σ_{valid tokens t of every micro-batch on every rank} loss_t  /  N_valid
+
+    Each micro-batch's backward adds its share Σ loss_t / N_valid, so the accumulated gradient is
+    ∇L whatever the lengths and however the tokens are split (the authors, like most trainers,
+    average per micro-batch and then over micro-batches, which weighs tokens unequally).
+    """
+    batches = [collate(mb, pad_id, device) for mb in micro_batches]
+    n_valid = torch.tensor(sum(int(mask.sum()) for _, _, mask in batches), device=device)
+    if world > 1:
+        dist.all_reduce(n_valid)  # N_valid of the whole step, all ranks
+    loss_sum, phis, gammas = torch.zeros((), device=device), [], []
+    lam_t = torch.tensor(lam, device=device)
+    is_ddp = isinstance(loss_head, nn.parallel.DistributedDataParallel)
+    for i, (inputs, targets, mask) in enumerate(batches):
+        sync = loss_head.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext()  # sync once, at the end
+        with sync, autocast:
+            mb_loss_sum, _, (phi, gamma) = step_fn(inputs, targets, mask, lam_t)
+        # DDP averages gradients over ranks; × world turns that back into the sum over ranks
+        (mb_loss_sum * (world / n_valid)).backward()
+        loss_sum += mb_loss_sum.detach()
+        phis.append(phi)
+        if gamma is not None:
+            gammas.append(gamma)
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    loss = (loss_sum / n_valid).item()
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss is {loss}")
+    grad_norm = nn.utils.clip_grad_norm_(loss_head.parameters(), grad_clip or float("inf")).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    phi = gather_tokens(torch.cat(phis), world)
+    gamma = gather_tokens(torch.cat(gammas), world) if gammas else None
+    return StepResult(loss, grad_norm, sum(inputs.numel() for inputs, _, _ in batches), phi, gamma)
+
+
+def gather_tokens(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's 1-D per-token values, concatenated: the logged φ/γ statistics of a
+    multi-process step are those of all its tokens, as one process would log them."""
+    if world == 1:
+        return x
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
+    longest = int(max(sizes))
+    parts = [torch.empty(longest, dtype=x.dtype, device=x.device) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([x, x.new_zeros(longest - len(x))]))  # all_gather needs equal sizes
+    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
+
+
+def setup_process():
+    """(distributed, rank, world, device) of this process: torchrun sets RANK and friends."""
     distributed = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if distributed:
@@ -316,6 +375,38 @@ def train(args) -> int:
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return distributed, rank, world, device
+
+
+def wrap_for_data_parallel(loss_head: LossHead, args, distributed: bool, device) -> nn.Module:
+    """DDP (gradients all-reduced), or FSDP2 (parameters sharded per block) with --fsdp."""
+    if distributed and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in loss_head.model.layers:
+            fully_shard(block)
+        fully_shard(loss_head)
+        return loss_head
+    if distributed:
+        return nn.parallel.DistributedDataParallel(loss_head, device_ids=[device.index] if device.type == "cuda" else None)
+    return loss_head
+
+
+def restore(resume_dir: Path, loss_head, optimizer, cuda: bool) -> int:
+    """Optimizer state and RNG of a checkpoint (its weights are already loaded); its step."""
+    state = torch.load(resume_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+    set_state_dict(loss_head, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if cuda and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def train(args) -> int:
+    distributed, rank, world, device = setup_process()
+    cuda = device.type == "cuda"
     main_process = rank == 0
     out = Path(args.out)
     log = tqdm.write if main_process else (lambda *a, **k: None)
@@ -342,30 +433,15 @@ def train(args) -> int:
     model.train()
     knobs = dict(beta=args.beta, gamma_min=args.gamma_min, gamma_max=args.gamma_max, b=args.threshold,
                  top_k=args.eaft_top_k)
-    loss_head = LossHead(model, args.loss, knobs)
-    if distributed and args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(loss_head)
-    elif distributed:
-        loss_head = nn.parallel.DistributedDataParallel(loss_head, device_ids=[device.index] if cuda else None)
+    loss_head = wrap_for_data_parallel(LossHead(model, args.loss, knobs), args, distributed, device)
     optimizer = build_optimizer(loss_head, args, fused=cuda)
-    start_step = 0
     if resume_dir is not None:
-        state = torch.load(resume_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
-        set_state_dict(loss_head, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, strict=False))
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if cuda and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start_step = state["step"]
+        start_step = restore(resume_dir, loss_head, optimizer, cuda)
         if main_process:
             keep_metrics_until(out, start_step)
         log(f"resumed from {resume_dir} at step {start_step}")
     else:
+        start_step = 0
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         if main_process and args.resume:  # a run that crashed before its first checkpoint: restart its log
@@ -392,52 +468,26 @@ def train(args) -> int:
             lr = learning_rate(step, total_steps, args.lr, args.lr_warmup_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [collate(mb, tokenizer.pad_id, device)
-                             for mb in step_batches(seqs, step, args.batch_size, args.seed, rank, world,
-                                                    args.micro_batch_size)]
-            # N_valid of the whole optimizer step, all ranks: the one denominator of the loss.
-            n_valid = torch.tensor(sum(int(m.sum()) for _, _, m in micro_batches), device=device)
-            if distributed:
-                dist.all_reduce(n_valid)
-            loss_sum, phis, gammas, n_tokens = torch.zeros((), device=device), [], [], 0
-            lam_t = torch.tensor(lam, device=device)
-            for i, (inputs, targets, mask) in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                sync = nullcontext() if last or not isinstance(loss_head, nn.parallel.DistributedDataParallel) \
-                    else loss_head.no_sync()
-                with sync, autocast:
-                    mb_loss, _, (phi, gamma) = step_fn(inputs, targets, mask, lam_t)
-                # DDP averages gradients over ranks; × world turns that back into a sum.
-                (mb_loss * (world / n_valid)).backward()
-                loss_sum += mb_loss.detach()
-                phis.append(phi)
-                if gamma is not None:
-                    gammas.append(gamma)
-                n_tokens += inputs.numel()
-            if distributed:
-                dist.all_reduce(loss_sum)
-            loss = (loss_sum / n_valid).item()
-            if not math.isfinite(loss):
-                last_good = latest_checkpoint(out)
-                raise FloatingPointError(f"loss is {loss} at step {step}; stopping without saving. "
-                                         f"Last good checkpoint: {last_good or 'none'}")
-            grad_norm = nn.utils.clip_grad_norm_(loss_head.parameters(), args.grad_clip or float("inf")).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = step_batches(seqs, step, args.batch_size, args.seed, rank, world, args.micro_batch_size)
+            try:
+                result = train_step(step_fn, loss_head, optimizer, micro_batches, lam, tokenizer.pad_id, device,
+                                    autocast, args.grad_clip, world)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} at step {step + 1}; stopping without saving. "
+                                         f"Last good checkpoint: {latest_checkpoint(out) or 'none'}") from None
             step += 1
             bar.update(1)
             seconds = time.perf_counter() - t0
 
             if main_process and (step % args.log_every == 0 or step == total_steps):
-                stats = idft.loss_stats(torch.cat(phis), torch.cat(gammas) if gammas else None,
-                                        args.beta, args.gamma_min, args.gamma_max)
-                record = {"step": step, "loss": loss, "lr": lr, "lambda": lam, "grad_norm": grad_norm,
-                          "tokens_per_s": n_tokens * world / seconds, "skipped_examples": skipped, **stats}
+                stats = idft.loss_stats(result.phi, result.gamma, args.beta, args.gamma_min, args.gamma_max)
+                record = {"step": step, "loss": result.loss, "lr": lr, "lambda": lam, "grad_norm": result.grad_norm,
+                          "tokens_per_s": result.n_tokens * world / seconds, "skipped_examples": skipped, **stats}
                 if peak_flops:
-                    record["mfu"] = 6 * n_params * n_tokens * world / seconds / (peak_flops * world)
+                    record["mfu"] = 6 * n_params * result.n_tokens * world / seconds / (peak_flops * world)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", phi=f"{stats['phi_mean']:+.3f}")
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", phi=f"{stats['phi_mean']:+.3f}")
             if eval_seqs and (step % args.eval_every == 0 or step == total_steps):
                 metrics = evaluate(loss_head, eval_seqs, tokenizer.pad_id, device, args.micro_batch_size, autocast)
                 if main_process:

@@ -9,7 +9,7 @@
                 only (--hf-static on CPU runs it uncompiled)
 
 Same weights, same prompts, same dtype (float32 on CPU, bfloat16 on CUDA). EOS is switched
-off on both sides (eos_id=None / eos_token_id=None), so every row decodes exactly
+off on both sides (no stop_ids, repetition_stop=False / eos_token_id=None), so every row decodes exactly
 --new-tokens tokens; the outputs are compared token for token (a mismatch is reported, not
 fatal: in bfloat16 near-ties may flip). tokens/s = batch × new tokens / median seconds of
 one whole generate call (prefill included), after one warm-up call per side; calls
@@ -86,7 +86,7 @@ def main(argv=None):
     results, ratios = [], []
     for batch in args.batch_sizes:
         prompts = all_prompts[:batch]
-        runs = {"ours": lambda p=prompts: generate(ours, p, new_tokens),
+        runs = {"ours": lambda p=prompts: generate(ours, p, new_tokens, repetition_stop=False)[0],
                 "hf_dynamic": lambda p=prompts: hf_generate(hf, p, new_tokens)}
         if args.hf_static:
             runs["hf_static"] = lambda p=prompts: hf_generate(hf, p, new_tokens, "static")

@@ -6,7 +6,7 @@
     authors_style    one problem at a time, two separate forwards per token (hint, plain), no KV
                      cache: every step recomputes both whole prefixes, as the published demo does
 
-All three use the same model, the same problems and hinted_decode.mix_step, greedy, with EOS and
+All three use the same model, the same problems and hinted_decode's mixing rule, greedy, with EOS and
 the repetition stop turned off, so every problem decodes exactly its token budget and the
 outputs must agree token for token (checked). The slow baselines may run on the first few
 problems only (--single-problems, --baseline-problems), and authors_style on the first
@@ -32,7 +32,8 @@ import torch
 
 from common import (add_common_args, gsm_examples, interleaved, load_ours, model_dir, new_report, random_prompts,
                     setup, timing, write_report)
-from hinted_decode import hint_messages, hinted_generate, mix_step
+from ddt import entropy, log_probs
+from hinted_decode import hint_messages, hinted_generate, log_mixture, mixing_weight
 
 
 @torch.no_grad()
@@ -42,11 +43,12 @@ def authors_style(model, hint, plain, *, beta, max_new_tokens, log_vocab):
     device = model.output_weight.device
     out = []
     for step in range(max_new_tokens):
-        p_logits = model(torch.tensor([hint + out], device=device))[:, -1]
-        q_logits = model(torch.tensor([plain + out], device=device))[:, -1]
-        lam = torch.tensor([0.0 if step == 0 else math.nan], device=device)
-        z = mix_step(p_logits, q_logits, lam, log_vocab, beta, "linear", 0.5, (0.3, 0.7))
-        out.append(int(z.argmax()))
+        log_p, p = log_probs(model(torch.tensor([hint + out], device=device))[:, -1])
+        log_q, _ = log_probs(model(torch.tensor([plain + out], device=device))[:, -1])
+        lam = mixing_weight(entropy(log_p, p) / log_vocab, beta)
+        if step == 0:
+            lam = torch.zeros_like(lam)
+        out.append(int(log_mixture(log_p, log_q, lam).argmax()))
     return out
 
 

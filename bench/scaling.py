@@ -61,7 +61,7 @@ def main(argv=None):
                                  "reps_after_warmup": args.reps, "decoding": "greedy, EOS off"})
 
     def runs(n):
-        return {("ours", n): lambda: generate(model, [prompt], n)[0],
+        return {("ours", n): lambda: generate(model, [prompt], n, repetition_stop=False)[0][0],
                 ("no_cache", n): lambda: no_cache_generate(model, prompt, n)}
 
     interleaved(runs(min(lengths)), 0, 1, device)  # warm-up round

@@ -54,10 +54,10 @@ import hinted_decode  # noqa: E402
 import make_gsm8k  # noqa: E402  (scripts/ is on the path: this file lives there)
 import train  # noqa: E402
 from data import (Example, UserError, answers_match, atomic_write, encode_example, extract_answer,  # noqa: E402
-                  load_examples, replace_marked_block)
+                  load_examples, read_log, replace_marked_block)
 from ddt import score_examples  # noqa: E402
 from hub import BUNDLED_NAME, resolve_model_dir  # noqa: E402
-from model import Transformer, generate  # noqa: E402
+from model import CheckpointError, Transformer, generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -165,7 +165,7 @@ def ddt_stage(out: Path, model_dir: Path, train_file: Path, scale: Scale, device
     tok = Tokenizer.from_pretrained(model_dir)
     model = Transformer.from_pretrained(model_dir, device=device)
     examples = load_examples(train_file)[:scale.n_ddt]
-    eos = tok.eos_id
+    stops = (tok.eos_id,)
     plain = [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in examples]
     hint = [tok.encode_chat(hinted_decode.hint_messages(ex), add_generation_prompt=True) for ex in examples]
     splitters = [hinted_decode.auto_splitter(ex) for ex in examples]
@@ -173,14 +173,14 @@ def ddt_stage(out: Path, model_dir: Path, train_file: Path, scale: Scale, device
     # generated responses exactly as they were decoded (EOS included when produced), so that
     # (b) is the model's own distribution with no re-tokenization in between
     responses = {"reference": [(ex.response, "reference", encode_example(tok, ex)) for ex in examples]}
-    own = generate(model, plain, scale.max_new_tokens, eos_id=eos, temperature=1.0, top_p=1.0, seed=SEED)
-    generated = {"own": (own, ["eos" if ids[-1] == eos else "length" for ids in own])}
+    generated = {"own": generate(model, plain, scale.max_new_tokens, stop_ids=stops, temperature=1.0, top_p=1.0,
+                                 seed=SEED)}
     for name, beta in (("beta0", 0.0), ("hinted", HD_BETA)):
         generated[name] = hinted_decode.hinted_generate(model, hint, plain, beta=beta,
-                                                        max_new_tokens=scale.max_new_tokens, eos_id=eos,
+                                                        max_new_tokens=scale.max_new_tokens, stop_ids=stops,
                                                         splitter=splitters, tokenizer=tok, seed=SEED)
     for name, (outputs, finishes) in generated.items():
-        responses[name] = [(tok.decode(hinted_decode.strip_eos(ids, eos)), finish, (p + ids, len(p)))
+        responses[name] = [(tok.decode(hinted_decode.strip_stop(ids, stops)), finish, (p + ids, len(p)))
                            for ids, finish, p in zip(outputs, finishes, plain)]
 
     summary, token_phi = {}, {}
@@ -302,7 +302,7 @@ def base_drift_answers(out: Path, base_dir: Path, scale: Scale, load_base) -> li
         base, tok = load_base()
         prompts = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in evaluation.GENERAL_PROMPTS[:scale.n_general]]
-        gens, _ = evaluation.generate_all(base, prompts, tok.eos_id, scale.general_max_new_tokens,
+        gens, _ = evaluation.generate_all(base, prompts, (tok.eos_id,), scale.general_max_new_tokens,
                                           scale.eval_batch_size, "  base on everyday prompts")
         saved = save(path, settings, {"seqs": [[p + g.tokens, len(p)] for p, g in zip(prompts, gens)]})
     return [tuple(s) for s in saved["seqs"]]
@@ -475,7 +475,7 @@ def reading(ddt: dict, results: dict, scale: Scale) -> list[str]:
 
 def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: Path, results: dict, argv: list[str],
            device: str) -> str:
-    hd_records = hinted_decode.read_records(hd)[0] + hinted_decode.read_records(hinted_decode.failed_path(hd))[0]
+    hd_records = read_log(hd, "hinted_decode.py")[0] + read_log(hinted_decode.failed_path(hd), "hinted_decode.py")[0]
     sources = {k: sum(r["source"] == k for r in hd_records) for k in ("on_policy", "hinted", "failed")}
     trained = [r for r in results.values() if "kl_from_base" in r]
     evaluation.bar_chart([{"name": n, **r["test"], "kl_from_base": {"kl_token_mean": r["kl_from_base"]}}
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
         print(text)
         log(f"done in {(time.time() - start) / 60:.1f} min: {out / 'results.md'}")
         return 0
-    except UserError as e:
+    except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,14 +19,18 @@ ROWS = [("What is 7 times 6?", "7 * 6 = 42\n#### 42"),
         ("What is 9 plus 16?", "9 + 16 = 25\n#### 25")]
 
 
-def brute_force_phi(model_dir, data):
-    """Average φ and z of each response in float64, with transformers' model as the scorer."""
+def brute_force_phi(model_dir, data, end_of_turn=True):
+    """Average φ and z of each response in float64, with transformers' model as the scorer;
+    end_of_turn=False leaves the final end-of-turn token out."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).double()
     tok = Tokenizer.from_pretrained(model_dir)
     out = []
     with torch.no_grad():
         for ex in load_examples(data):
             ids, n_prompt = encode_example(tok, ex)
+            assert ids[-1] == tok.eos_id
+            if not end_of_turn:
+                ids = ids[:-1]
             logp_all = hf(torch.tensor([ids])).logits[0, n_prompt - 1:-1].log_softmax(-1)
             y = torch.tensor(ids[n_prompt:])
             p = logp_all.exp()
@@ -49,6 +53,23 @@ def test_cli_scores_summary_and_plot(tiny_model_dir, tmp_path):
         assert abs(row["phi_mean"] - phi_mean) < 1e-4
         assert abs(row["z"] - z) < 1e-3
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_cli_scores_without_the_end_of_turn_token(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in ROWS))
+    with_eot, without = tmp_path / "with.jsonl", tmp_path / "without.jsonl"
+    assert ddt.main(["--model", str(tiny_model_dir), "--data", str(data), "--out", str(with_eot)]) == 0
+    assert "(response + end-of-turn token)" in capsys.readouterr().out
+    assert ddt.main(["--model", str(tiny_model_dir), "--data", str(data), "--out", str(without),
+                     "--no-end-of-turn"]) == 0
+    assert "response text alone" in capsys.readouterr().out
+    rows = [json.loads(line) for line in without.read_text().splitlines()]
+    rows_eot = [json.loads(line) for line in with_eot.read_text().splitlines()]
+    assert [r["n_tokens"] + 1 for r in rows] == [r["n_tokens"] for r in rows_eot]
+    for row, (phi_mean, z) in zip(rows, brute_force_phi(tiny_model_dir, data, end_of_turn=False)):
+        assert abs(row["phi_mean"] - phi_mean) < 1e-4
+        assert abs(row["z"] - z) < 1e-3
 
 
 def test_summary_shares():

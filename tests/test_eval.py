@@ -18,7 +18,7 @@ import torch
 import eval as ev
 from conftest import write_tiny_model
 from data import load_examples
-from model import Transformer
+from model import Transformer, finish_reason
 from tokenizer import Tokenizer
 
 torch.set_num_threads(1)
@@ -56,10 +56,15 @@ def second_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def decoded(ids, max_new_tokens, eos_id):
-    """What decoding returns for an intended reply: up to EOS or the token limit."""
-    ids = ids[:max_new_tokens]
-    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+def decoded(ids, max_new_tokens, stop_ids):
+    """What decoding returns for an intended reply: (tokens, finish), the stop rule applied token
+    by token (model.finish_reason, itself checked in test_model.py)."""
+    out = []
+    for t in ids:
+        out.append(t)
+        if reason := finish_reason(out, stop_ids, max_new_tokens):
+            return out, reason
+    raise AssertionError("a fake reply must end with EOS or reach the token limit")
 
 
 def fake_generate(tok, replies):
@@ -67,14 +72,14 @@ def fake_generate(tok, replies):
     question found in each prompt. It also checks that eval sends the chat-templated prompt."""
     examples = {q: a for q, a in QUESTIONS}
 
-    def generate(model, prompts, max_new_tokens, eos_id=None, **kw):
-        assert eos_id == tok.eos_id and kw.get("temperature", 0.0) == 0.0  # greedy
+    def generate(model, prompts, max_new_tokens, stop_ids=(), **kw):
+        assert set(stop_ids) == {tok.eos_id} and kw.get("temperature", 0.0) == 0.0  # greedy
         outs = []
         for p in prompts:
             q = next(q for q in examples if q in tok.decode(p))
             assert p == tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)
-            outs.append(decoded(replies(q, examples[q]), max_new_tokens, eos_id))
-        return outs
+            outs.append(decoded(replies(q, examples[q]), max_new_tokens, stop_ids))
+        return [ids for ids, _ in outs], [reason for _, reason in outs]
 
     return generate
 
@@ -106,27 +111,6 @@ def test_wilson_interval(k, n):
     assert 0.0 <= lo <= k / n <= hi <= 1.0
 
 
-def test_repetition_rule():
-    """eval uses hinted_decode's rule: some 30-token window seen 5 times (overlaps count)."""
-    block, seps = list(range(100, 130)), [[200 + i] for i in range(6)]
-    four = sum((block + s for s in seps[:4]), [])
-    assert not ev.repeats(four) and ev.repeats(four + block)
-    assert not ev.repeats([7] * 33) and ev.repeats([7] * 34)
-
-
-def test_finish_cuts_at_the_first_check_that_fires():
-    eos = 2
-    assert ev.finish([5, 6, eos], eos) == ([5, 6, eos], "eos")
-    assert ev.finish(list(range(3, 303)), eos) == (list(range(3, 303)), "length")
-    # a loop from token 150 on: the check at 100 sees nothing, the one at 200 fires
-    looping = list(range(3, 153)) + [7] * 250
-    assert ev.finish(looping, eos) == (looping[:200], "repetition")
-    # a loop that ends in EOS before the next check is an EOS stop
-    assert ev.finish(list(range(3, 103)) + [7] * 50 + [eos], eos)[1] == "eos"
-    # EOS or the token limit on a check step win, as in hinted decoding
-    assert ev.finish(list(range(3, 153)) + [7] * 49 + [eos], eos)[1] == "eos"
-    at_limit = list(range(3, 153)) + [7] * 50  # would repeat at the check on token 200, the limit
-    assert ev.finish(at_limit, eos) == (at_limit, "length")
 
 
 def test_general_prompts_builtin_and_from_file(tmp_path):
@@ -193,8 +177,8 @@ def test_fake_model_stops_and_shares(tiny_model_dir, tmp_path, monkeypatch):
     assert rows[1]["pred"] is rows[3]["pred"] is None  # the loop's answer was cut away; "I do not know."
     n = len(QUESTIONS)
     assert (m["repetition_share"], m["length_limit_share"], m["no_answer_share"]) == (1 / n, 1 / n, 2 / n)
-    # the loop was decoded in full: tokens/s counts the work done, not the tokens kept
-    assert m["decoded_tokens"] == sum(len(decoded(reply(q, a), 300, tok.eos_id)) for q, a in QUESTIONS)
+    # decoding stopped where the rule fired: tokens/s counts the tokens of the outputs
+    assert m["decoded_tokens"] == sum(len(decoded(reply(q, a), 300, {tok.eos_id})[0]) for q, a in QUESTIONS)
 
     # --limit takes the first N
     assert run_eval("--model", tiny_model_dir, "--data", data, "--out", out, "--limit", 2) == 0
@@ -219,8 +203,8 @@ def test_batching_does_not_change_results(tiny_model_dir, tmp_path):
     model, tok = Transformer.from_pretrained(tiny_model_dir), Tokenizer.from_pretrained(tiny_model_dir)
     for r, (q, _) in zip(rows[1], QUESTIONS):
         prompt = tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)
-        [ids] = ev.generate(model, [prompt], 24, eos_id=tok.eos_id)
-        assert r["output"] == tok.decode([t for t in ev.finish(ids, tok.eos_id)[0] if t != tok.eos_id])
+        [ids], [stop] = ev.generate(model, [prompt], 24, stop_ids={tok.eos_id})
+        assert r["output"] == tok.decode([t for t in ids if t != tok.eos_id]) and r["stop"] == stop
 
 
 def sequences(tok, n=5):

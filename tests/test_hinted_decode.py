@@ -15,8 +15,9 @@ from conftest import write_tiny_model, write_tiny_tokenizer
 
 import hinted_decode
 from data import Example, load_examples
-from hinted_decode import cut_analysis, hint_messages, hinted_generate, main, mixing_weight, repeats
-from model import ModelConfig, Transformer, generate
+import model as decoding
+from hinted_decode import cut_analysis, hint_messages, hinted_generate, main, mixing_weight
+from model import ModelConfig, Transformer, generate, repeats
 
 torch.set_num_threads(1)
 
@@ -131,20 +132,20 @@ def test_lambda_really_varies_on_the_test_model(model):
 
 def test_beta_zero_is_greedy_decoding_of_the_hint_prompt(model):
     out, finish = hinted_generate(model, HINTS, PLAINS, beta=0.0, max_new_tokens=25)
-    assert out == generate(model, HINTS, 25)
+    assert out == generate(model, HINTS, 25)[0]
     assert finish == ["length"] * 4
 
 
 def test_lambda_one_after_the_first_token_is_greedy_decoding_of_the_plain_prompt(model):
     out, _ = hinted_generate(model, HINTS, PLAINS, beta=1e9, max_new_tokens=25)  # λ = clamp(β·h) = 1
-    firsts = [ids[0] for ids in generate(model, HINTS, 1)]  # the first token: hint stream alone
+    firsts = [ids[0] for ids in generate(model, HINTS, 1)[0]]  # the first token: hint stream alone
     for b in range(4):
-        assert out[b] == [firsts[b]] + generate(model, [PLAINS[b] + [firsts[b]]], 24)[0]
+        assert out[b] == [firsts[b]] + generate(model, [PLAINS[b] + [firsts[b]]], 24)[0][0]
 
 
 def test_first_token_from_hint_can_be_turned_off(model):
     out, _ = hinted_generate(model, HINTS, PLAINS, beta=1e9, max_new_tokens=10, first_from_hint=False)
-    assert out == generate(model, PLAINS, 10)
+    assert out == generate(model, PLAINS, 10)[0]
 
 
 def test_splitter_hands_over_to_the_plain_stream_where_it_first_appears(model):
@@ -157,7 +158,7 @@ def test_splitter_hands_over_to_the_plain_stream_where_it_first_appears(model):
     splitter = text[k:k + 2]
     [split], _ = hinted_generate(model, [hint], [plain], splitter=splitter, tokenizer=tok, **knobs)
     assert split[:k + 2] == free[:k + 2]
-    assert split[k + 2:] == generate(model, [plain + free[:k + 2]], 30 - k - 2)[0]
+    assert split[k + 2:] == generate(model, [plain + free[:k + 2]], 30 - k - 2)[0][0]
     assert split != free  # the switch changed what follows
     assert split == reference_decode(model, hint, plain, splitter=splitter, tokenizer=tok, **knobs)
     # one splitter per example; None never switches
@@ -179,20 +180,20 @@ def test_batched_cached_run_equals_recomputation_from_scratch(model, mix, monkey
     knobs = MIXES[mix]
     [free], _ = hinted_generate(model, HINTS[:1], PLAINS[:1], max_new_tokens=16, **knobs)
     eos = free[6]  # example 0 stops by step 7; the others whenever they produce this token
-    batched, finish = hinted_generate(model, HINTS, PLAINS, max_new_tokens=16, eos_id=eos, **knobs)
+    batched, finish = hinted_generate(model, HINTS, PLAINS, max_new_tokens=16, stop_ids={eos}, **knobs)
     for b in range(4):
         ref = reference_decode(model, HINTS[b], PLAINS[b], max_new_tokens=16, eos_id=eos, **knobs)
         assert batched[b] == ref
-        single, [reason] = hinted_generate(model, [HINTS[b]], [PLAINS[b]], max_new_tokens=16, eos_id=eos, **knobs)
+        single, [reason] = hinted_generate(model, [HINTS[b]], [PLAINS[b]], max_new_tokens=16, stop_ids={eos}, **knobs)
         assert single == [ref] and finish[b] == reason
 
 
 def test_dropping_finished_rows_does_not_change_outputs(model, monkeypatch):
     hints, plains = HINTS * 2, PLAINS * 2  # 8 examples
     [free], _ = hinted_generate(model, hints[:1], plains[:1], max_new_tokens=30, beta=1.2)
-    knobs = dict(beta=1.2, max_new_tokens=30, eos_id=free[3])
+    knobs = dict(beta=1.2, max_new_tokens=30, stop_ids={free[3]})
     compacted = hinted_generate(model, hints, plains, **knobs)
-    monkeypatch.setattr(hinted_decode, "COMPACT_FRACTION", 2.0)  # never compact
+    monkeypatch.setattr(decoding, "COMPACT_FRACTION", 2.0)  # never compact
     full = hinted_generate(model, hints, plains, **knobs)
     assert compacted == full
     assert 0 < compacted[1].count("eos") < 8  # some rows finished early, others went on
@@ -228,7 +229,7 @@ def test_repetition_stop_is_checked_every_100_tokens():
 def test_eos_and_length_finish_reasons(model):
     free, _ = hinted_generate(model, HINTS, PLAINS, beta=1.2, max_new_tokens=12)
     eos = free[0][4]
-    out, finish = hinted_generate(model, HINTS, PLAINS, beta=1.2, max_new_tokens=12, eos_id=eos)
+    out, finish = hinted_generate(model, HINTS, PLAINS, beta=1.2, max_new_tokens=12, stop_ids={eos})
     for b in range(4):
         if eos in free[b]:
             assert out[b] == free[b][:free[b].index(eos) + 1] and finish[b] == "eos"

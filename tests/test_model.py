@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from model import CheckpointError, Transformer, generate
+from model import CheckpointError, Transformer, finish_reason, generate, repeats
 
 torch.set_num_threads(1)
 
@@ -82,8 +82,8 @@ def test_left_padded_batch_equals_each_prompt_alone(pair):
     _, ours, _ = pair
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-    batched = generate(ours, prompts, max_new_tokens=12)
-    alone = [generate(ours, [p], max_new_tokens=12)[0] for p in prompts]
+    batched, _ = generate(ours, prompts, max_new_tokens=12)
+    alone = [generate(ours, [p], max_new_tokens=12)[0][0] for p in prompts]
     assert batched == alone
 
 
@@ -93,21 +93,75 @@ def test_greedy_generate_matches_transformers(pair):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                           max_new_tokens=20, do_sample=False, pad_token_id=0)
-    assert generate(ours, [prompt], max_new_tokens=20) == [ref[0, len(prompt):].tolist()]
+    assert generate(ours, [prompt], max_new_tokens=20) == ([ref[0, len(prompt):].tolist()], ["length"])
 
 
 def test_generate_stops_at_eos_and_keeps_it(pair):
     _, ours, _ = pair
     prompt = [3, 4, 5]
-    free = generate(ours, [prompt], max_new_tokens=8)[0]
+    [free], _ = generate(ours, [prompt], max_new_tokens=8)
     eos = free[2]  # pretend the third generated token is the end of turn
-    assert generate(ours, [prompt, [7, 7]], max_new_tokens=8, eos_id=eos)[0] == free[:free.index(eos) + 1]
+    out, finish = generate(ours, [prompt, [7, 7]], max_new_tokens=8, stop_ids={eos})
+    assert out[0] == free[:free.index(eos) + 1] and finish[0] == "eos"
+    # every id of stop_ids stops (generation configs list several end-of-turn ids)
+    out, finish = generate(ours, [prompt], max_new_tokens=8, stop_ids={12345, free[1]})
+    assert out == [free[:free.index(free[1]) + 1]] and finish == ["eos"]
+
+
+def test_repetition_stop_and_rows_leaving_the_batch(pair, monkeypatch):
+    """A looping row stops at the first check (every 100 tokens) that sees a 30-token window 5
+    times; finished rows leave the batch without changing anyone's output."""
+    _, ours, _ = pair
+    import model
+
+    prompts = [[3, 4, 5], [9] * 7, [1, 2], [60, 61, 62, 63]]
+    free, _ = generate(ours, prompts, max_new_tokens=300, repetition_stop=False)
+    want = []
+    for ids in free:
+        stop = next((n for n in range(100, 300, 100) if model.repeats(ids[:n])), None)
+        want.append((ids[:stop], "repetition") if stop else (ids, "length"))
+    out, finish = generate(ours, prompts, max_new_tokens=300)
+    assert list(zip(out, finish)) == want
+    assert "repetition" in finish  # the tiny random model loops: the rule was exercised
+    monkeypatch.setattr(model, "COMPACT_FRACTION", 2.0)  # never drop finished rows
+    assert generate(ours, prompts, max_new_tokens=300) == (out, finish)
+
+
+def stop_of(tokens, eos, limit):
+    """Apply the stop rule token by token, as a decoding loop does: (kept tokens, reason)."""
+    for n in range(1, len(tokens) + 1):
+        if reason := finish_reason(tokens[:n], {eos}, limit):
+            return tokens[:n], reason
+    return tokens, None
+
+
+def test_repetition_rule():
+    """Some 30-token window seen 5 times (overlaps count)."""
+    block, seps = list(range(100, 130)), [[200 + i] for i in range(6)]
+    four = sum((block + s for s in seps[:4]), [])
+    assert not repeats(four) and repeats(four + block)
+    assert not repeats([7] * 33) and repeats([7] * 34)
+
+
+def test_finish_reason_fires_at_the_first_check():
+    eos = 2
+    assert stop_of([5, 6, eos], eos, 300) == ([5, 6, eos], "eos")
+    assert stop_of(list(range(3, 303)), eos, 300) == (list(range(3, 303)), "length")
+    # a loop from token 150 on: the check at 100 sees nothing, the one at 200 fires
+    looping = list(range(3, 153)) + [7] * 250
+    assert stop_of(looping, eos, 400) == (looping[:200], "repetition")
+    # a loop that ends in EOS before the next check is an EOS stop
+    assert stop_of(list(range(3, 103)) + [7] * 50 + [eos], eos, 400)[1] == "eos"
+    # EOS or the token limit on a check step win
+    assert stop_of(list(range(3, 153)) + [7] * 49 + [eos], eos, 400)[1] == "eos"
+    at_limit = list(range(3, 153)) + [7] * 50  # would repeat at the check on token 200, the limit
+    assert stop_of(at_limit, eos, 200) == (at_limit, "length")
 
 
 def test_sampling_is_seeded(pair):
     _, ours, _ = pair
-    a = generate(ours, [[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
-    b = generate(ours, [[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
+    a, _ = generate(ours, [[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
+    b, _ = generate(ours, [[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
     assert a == b
 
 
@@ -188,7 +242,7 @@ def test_bundled_model_answers_paris_and_matches_transformers_gguf_loader():
     ours = Transformer.from_pretrained(hub.BUNDLED_NAME)
     tok = Tokenizer.from_pretrained(hub.BUNDLED_NAME)
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
-    [reply] = generate(ours, [prompt], max_new_tokens=24, eos_id=tok.eos_id)
+    [reply], _ = generate(ours, [prompt], max_new_tokens=24, stop_ids={tok.eos_id})
     assert "Paris" in tok.decode(reply)
     assert reply[-1] == tok.eos_id  # a complete answer, not an immediate or missing end of turn
 
