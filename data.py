@@ -10,10 +10,16 @@ decoding, keep hinted outputs whose final answer verifies) is `extract_answer` +
 Input formats, one JSON object per line (blank lines are skipped):
   GSM8K   {"question": str, "answer": str}        answer = step-by-step solution ending "#### N"
   pair    {"prompt": str | [messages], "response": str}
+  TRL     {"prompt": str | [messages], "completion": str | [one assistant message]}
   chat    {"messages": [{"role", "content"}, ...]} the last message is the assistant's response
+A string prompt becomes one user turn and every example is rendered with the model's chat
+template (tokenizer.py), also TRL's plain-string prompt/completion, which TRL itself would
+concatenate without a template. A completion list must hold exactly one assistant message
+(several would be several trained turns; refused). Only the final assistant turn is trained:
+earlier assistant turns in "messages" or in a prompt list are context, like the user's turns.
 Optional in every format: "id" (str or int; default: a hash of prompt + response, so it
-survives reordering), "system" (str, for GSM8K and pair: prepended as a system message) and
-"final_answer" (str or number: the gold answer, when it is not in the response itself).
+survives reordering), "system" (str, for GSM8K, pair and TRL: prepended as a system message)
+and "final_answer" (str or number: the gold answer, when it is not in the response itself).
 
 Answer extraction, first rule that fires wins:
   "####"         text after the last '####' (GSM8K), to the end of that line
@@ -104,7 +110,7 @@ def _parse_example(obj: dict, where: str, lineno: int, source: str) -> Example:
             prompt = _messages(obj, "prompt", where)
         else:
             prompt = [{"role": "user", "content": _text(obj, "prompt", where)}]
-        response, response_field = _text(obj, "response", where), "response"
+        response, response_field = _response(obj, where)
     elif "question" in obj:
         prompt = [{"role": "user", "content": _text(obj, "question", where)}]
         response, response_field = _text(obj, "answer", where), "answer"
@@ -131,6 +137,20 @@ def _parse_example(obj: dict, where: str, lineno: int, source: str) -> Example:
         content = json.dumps([prompt, response], ensure_ascii=False, sort_keys=True)
         ex_id = hashlib.sha256(content.encode("utf-8")).hexdigest()[:12]
     return Example(id=ex_id, prompt=prompt, response=response, answer=answer, line=lineno, source=source)
+
+
+def _response(obj: dict, where: str) -> tuple[str, str]:
+    """The response of a pair or TRL prompt/completion example, and its field name for errors."""
+    if "response" in obj and "completion" in obj:
+        raise UserError(f"{where}: both 'response' and 'completion' given (use one)")
+    if not isinstance(obj.get("completion"), list):
+        field = "completion" if "completion" in obj else "response"
+        return _text(obj, field, where), field
+    completion = _messages(obj, "completion", where)
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise UserError(f"{where}: field 'completion': expected exactly one assistant message, got roles "
+                        f"{[m['role'] for m in completion]}")
+    return completion[0]["content"], "completion[0].content"
 
 
 def _text(obj: dict, field: str, where: str) -> str:
@@ -253,16 +273,15 @@ def _normalize(s: str) -> str:
 # Output
 
 
-def encode_example(tokenizer, example: Example) -> tuple[list[int], int]:
+def encode_example(tokenizer, example: Example, **template_kwargs) -> tuple[list[int], int]:
     """Token ids of (x, y) as the model sees them, and the number of prompt tokens.
 
-    x is the chat-templated prompt ending in the assistant header; y is the response, encoded
-    as plain text (never as special tokens), followed by the end-of-turn token the model must
-    learn to emit. Training and scoring both use this, so φ is computed on exactly the tokens
-    that are trained on.
+    The model's chat template renders the whole conversation (prompt, then the response as the
+    assistant's turn) up to the end-of-turn token the model must learn to emit; the response's
+    text is never special tokens (Tokenizer.encode_conversation). Training, DDT scoring and
+    hinted decoding all use this, so φ is computed on exactly the tokens that are trained on.
     """
-    prompt = tokenizer.encode_chat(example.prompt, add_generation_prompt=True)
-    return prompt + tokenizer.encode(example.response) + [tokenizer.eos_id], len(prompt)
+    return tokenizer.encode_conversation(example.prompt, example.response, **template_kwargs)
 
 
 def atomic_write(path, content) -> None:

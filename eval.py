@@ -186,7 +186,7 @@ def kl_from_base(base, model, seqs, pad_id: int, batch_size: int, chunk: int = S
 def evaluate_model(model, tok, examples, args) -> tuple[dict, list[dict]]:
     """Accuracy and output statistics of one model: (summary, one row per example)."""
     prompts = [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in examples]
-    stops = (tok.eos_id,)
+    stops = tok.stop_ids
     gens, seconds = generate_all(model, prompts, stops, args.max_new_tokens, args.batch_size, "  answers")
     rows = []
     for ex, g in zip(examples, gens):
@@ -377,7 +377,7 @@ def run(args, argv) -> int:
         base, base_tok = load(base_dir, args)
         print(f"base {args.base}: greedy answers to the general prompts", file=sys.stderr)
         prompts = [base_tok.encode_chat(m, add_generation_prompt=True) for m in chats]
-        gens, _ = generate_all(base, prompts, (base_tok.eos_id,), args.general_max_new_tokens, args.batch_size,
+        gens, _ = generate_all(base, prompts, base_tok.stop_ids, args.general_max_new_tokens, args.batch_size,
                                "  base")
         drift_seqs = [(p + g.tokens, len(p)) for p, g in zip(prompts, gens)]
 

@@ -332,7 +332,7 @@ def make_record(model, tokenizer, ex: Example, text: str | None, source: str, fi
 
 def rewrite_batch(model, tokenizer, batch: list[Example], args, seed, write):
     """Steps 1-4 of the pipeline for one batch; `write(record)` appends a record."""
-    stops = (tokenizer.eos_id,)
+    stops = tokenizer.stop_ids
     plain = [tokenizer.encode_chat(ex.prompt, add_generation_prompt=True) for ex in batch]
     own, own_finish = generate(model, plain, args.max_new_tokens, stop_ids=stops, temperature=args.temperature,
                                top_p=args.top_p, seed=seed)
@@ -446,7 +446,7 @@ def run_demo(args) -> int:
     tokenizer = Tokenizer.from_pretrained(args.model)
     model = Transformer.from_pretrained(args.model, device=args.device)
     ex = Example("demo", [{"role": "user", "content": DEMO_QUESTION}], DEMO_REFERENCE, "58", 0, "demo")
-    stops = (tokenizer.eos_id,)
+    stops = tokenizer.stop_ids
     plain = tokenizer.encode_chat(ex.prompt, add_generation_prompt=True)
     hint = tokenizer.encode_chat(hint_messages(ex), add_generation_prompt=True)
     splitter = auto_splitter(ex) if args.splitter == "auto" else args.splitter

@@ -45,7 +45,8 @@ from data import UserError
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-             "tokenizer_config.json", "generation_config.json", "tokenizer.model"]
+             "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json",
+             "tokenizer.model"]
 STALE_TEMP_SECONDS = 3600  # a temp dir this old belongs to a converter that died
 
 # GGUF tensor name (after "blk.N.") -> HF Llama name (after "model.layers.N.")

@@ -30,6 +30,7 @@ what lets torch.compile capture the step once on a GPU.
 import argparse
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from data import atomic_write
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -349,20 +348,55 @@ class Transformer(nn.Module):
         model.init_rope()
         return model.eval()
 
-    def save_pretrained(self, out_dir, state_dict=None):
-        """Write config.json + model.safetensors that transformers loads as the same model.
+    def save_pretrained(self, out_dir, state_dict=None, max_shard_size: int = 5 * 10**9):
+        """Write config.json + safetensors that transformers loads as the same model.
 
         `state_dict` (our names) replaces this module's own, e.g. a full copy gathered from
-        the shards of an FSDP run.
+        the shards of an FSDP run. Tensors are packed in order into shards of at most
+        `max_shard_size` bytes (default 5e9, transformers 4's "5GB"; a bigger tensor gets a
+        shard of its own): one shard is model.safetensors, several are
+        model-0000k-of-0000n.safetensors listed by model.safetensors.index.json, transformers'
+        layout. Each file is written to a temp file
+        and renamed; the old index and any safetensors not part of this save are deleted first
+        and the new index is written last, so no index ever lists a missing or stale shard.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state_dict = self.state_dict() if state_dict is None else state_dict
         dtype = state_dict["embed_tokens.weight"].dtype
         cfg = dict(self.config.hf_config, torch_dtype=str(dtype).removeprefix("torch."))
-        tensors = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in state_dict.items()}
-        atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        atomic_write(out_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
+        shards, shard_bytes = [{}], 0
+        for n, p in state_dict.items():
+            size = p.numel() * p.element_size()
+            if shards[-1] and shard_bytes + size > max_shard_size:
+                shards, shard_bytes = shards + [{}], 0
+            shards[-1][self.hf_name(n)] = p.detach().contiguous().cpu()
+            shard_bytes += size
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+        index = out_dir / "model.safetensors.index.json"
+        index.unlink(missing_ok=True)
+        for stale in out_dir.glob("*.safetensors"):
+            if stale.name not in names:
+                stale.unlink()
+        for name, tensors in zip(names, shards):
+            _write_atomically(out_dir / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _write_atomically(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+        if len(shards) > 1:
+            weight_map = {key: name for name, tensors in zip(names, shards) for key in tensors}
+            total = sum(t.numel() * t.element_size() for tensors in shards for t in tensors.values())
+            _write_atomically(index, lambda tmp: Path(tmp).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"))
+
+
+def _write_atomically(path: Path, write) -> None:
+    """write(temporary path), then rename it to `path`: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: os.replace is atomic
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -513,7 +547,7 @@ def main():
         return
     model, tok = Transformer.from_pretrained(args.model), Tokenizer.from_pretrained(args.model)
     prompt = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    [reply], _ = generate(model, [prompt], args.max_new_tokens, stop_ids={tok.eos_id})
+    [reply], _ = generate(model, [prompt], args.max_new_tokens, stop_ids=tok.stop_ids)
     print(tok.decode([t for t in reply if t != tok.eos_id]))
 
 

@@ -50,8 +50,8 @@ from hub import BUNDLED_NAME, resolve_model_dir
 from model import CheckpointError, Transformer
 from tokenizer import Tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model")
 LENGTH_BUCKET = 64  # micro-batches are padded to a multiple of this: few distinct shapes to compile
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 

@@ -165,7 +165,7 @@ def ddt_stage(out: Path, model_dir: Path, train_file: Path, scale: Scale, device
     tok = Tokenizer.from_pretrained(model_dir)
     model = Transformer.from_pretrained(model_dir, device=device)
     examples = load_examples(train_file)[:scale.n_ddt]
-    stops = (tok.eos_id,)
+    stops = tok.stop_ids
     plain = [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in examples]
     hint = [tok.encode_chat(hinted_decode.hint_messages(ex), add_generation_prompt=True) for ex in examples]
     splitters = [hinted_decode.auto_splitter(ex) for ex in examples]
@@ -302,7 +302,7 @@ def base_drift_answers(out: Path, base_dir: Path, scale: Scale, load_base) -> li
         base, tok = load_base()
         prompts = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in evaluation.GENERAL_PROMPTS[:scale.n_general]]
-        gens, _ = evaluation.generate_all(base, prompts, (tok.eos_id,), scale.general_max_new_tokens,
+        gens, _ = evaluation.generate_all(base, prompts, tok.stop_ids, scale.general_max_new_tokens,
                                           scale.eval_batch_size, "  base on everyday prompts")
         saved = save(path, settings, {"seqs": [[p + g.tokens, len(p)] for p, g in zip(prompts, gens)]})
     return [tuple(s) for s in saved["seqs"]]

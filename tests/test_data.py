@@ -161,6 +161,37 @@ def test_load_chat(tmp_path):
     assert (ex.response, ex.answer) == ("A2 \\boxed{9}", "9")
 
 
+def test_load_trl_prompt_completion(tmp_path):
+    rows = [{"prompt": "What is 6 * 7?", "completion": "6 * 7 = 42\n#### 42", "system": "S"},
+            {"prompt": [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+                        {"role": "user", "content": "U2"}],
+             "completion": [{"role": "assistant", "content": "\\boxed{9}"}]}]
+    a, b = load_examples(write(tmp_path, rows))
+    assert a.prompt == [{"role": "system", "content": "S"}, {"role": "user", "content": "What is 6 * 7?"}]
+    assert (a.response, a.answer) == ("6 * 7 = 42\n#### 42", "42")
+    assert b.prompt == rows[1]["prompt"] and (b.response, b.answer) == ("\\boxed{9}", "9")
+
+
+def test_encode_example_is_the_templated_conversation(tiny_model_dir, tmp_path):
+    """Prompt and response rendered together by the model's template (transformers here), cut
+    after the response's end of turn; n_prompt is where the generation prompt's ids end."""
+    from transformers import AutoTokenizer
+
+    from data import encode_example
+    from tokenizer import Tokenizer
+
+    hf, tok = AutoTokenizer.from_pretrained(tiny_model_dir), Tokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": [{"role": "user", "content": "Natalia sold 48 clips."}],
+             "completion": [{"role": "assistant", "content": "She sold 72 <|im_end|> clips.\n#### 72"}]},
+            {"question": "How many clips?", "answer": "48 + 24 = 72\n#### 72"}]
+    for ex in load_examples(write(tmp_path, rows)):
+        ids, n_prompt = encode_example(tok, ex)
+        messages = [*ex.prompt, {"role": "assistant", "content": ex.response}]
+        assert ids == hf.apply_chat_template(messages, return_dict=False, sanitize_control_tokens=True)[:len(ids)]
+        assert ids[:n_prompt] == hf.apply_chat_template(ex.prompt, add_generation_prompt=True, return_dict=False)
+        assert ids[-1] == hf.convert_tokens_to_ids("<|im_end|>") and ids.count(ids[-1]) == ids[:n_prompt].count(ids[-1]) + 1
+
+
 def test_blank_lines_crlf_bom_and_line_numbers(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"question": "a", "answer": "#### 1"}\r\n\r\n   \n'
@@ -187,6 +218,14 @@ BAD_CASES = [  # (lines, bad line number, words the message must contain)
     (['{"prompt": "p", "response": null}'], 1, ["field 'response'", "got null"]),
     (['{"prompt": "", "response": "r"}'], 1, ["field 'prompt'", "empty"]),
     (['{"text": "x"}'], 1, ["no 'question', 'prompt' or 'messages' field"]),
+    (['{"prompt": "p", "response": "r", "completion": "c"}'], 1, ["both 'response' and 'completion'"]),
+    (['{"prompt": "p", "completion": 3}'], 1, ["field 'completion'", "expected a string, got number"]),
+    (['{"prompt": "p", "completion": [{"role": "assistant", "content": "a"}, {"role": "assistant",'
+      ' "content": "b"}]}'], 1, ["field 'completion'", "exactly one assistant message"]),
+    (['{"prompt": "p", "completion": [{"role": "user", "content": "a"}]}'], 1,
+     ["field 'completion'", "exactly one assistant message"]),
+    (['{"prompt": "p", "completion": [{"role": "assistant", "content": "  "}]}'], 1,
+     ["field 'completion[0].content'", "empty response"]),
     (['{"messages": [{"role": "user", "content": "hi"}]}'], 1, ["field 'messages'", "no assistant turn"]),
     (['{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}'], 1,
      ["field 'messages[1].role'", "'bot'"]),

@@ -175,6 +175,35 @@ def test_sharded_checkpoint_loads(tmp_path):
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
 
 
+def test_sharded_save_roundtrips_through_transformers_and_replaces_stale_files(tmp_path, monkeypatch):
+    import model
+
+    make_hf("qwen2_bias_tied", tmp_path / "src")
+    ours = Transformer.from_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"stale")  # a previous unsharded save
+    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    written = []
+    replace = model.os.replace
+    monkeypatch.setattr(model.os, "replace", lambda src, dst: (written.append(dst.name), replace(src, dst)))
+    ours.save_pretrained(out, max_shard_size=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert written[-1] == "model.safetensors.index.json"  # the index last: it never lists a missing shard
+    tokens = torch.randint(0, COMMON["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ours(tokens)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert (hf(tokens).logits - expected).abs().max().item() < 1e-5
+        assert torch.equal(Transformer.from_pretrained(out)(tokens), expected)
+    ours.save_pretrained(out)  # one shard again: the index and the old shards go
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    with torch.no_grad():
+        assert (transformers.AutoModelForCausalLM.from_pretrained(out)(tokens).logits - expected).abs().max() < 1e-5
+
+
 # ---- bad checkpoints: one clear error each --------------------------------------------------
 
 

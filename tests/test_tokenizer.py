@@ -196,7 +196,7 @@ def test_encode_chat_matches_transformers(trained, name):
     ref, ours, out = variant(trained, name, config)
     hf = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), bos_token="<|begin_of_text|>")
     hf.chat_template = template
-    assert ours.chat_format == format_ and ours.eos_id == ours.special_tokens[eos] == ours.pad_id
+    assert ours.eos_id == ours.special_tokens[eos] == ours.pad_id
     for messages in CONVERSATIONS:
         for gen in (False, True):
             text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
@@ -204,13 +204,24 @@ def test_encode_chat_matches_transformers(trained, name):
             assert ids == ref_ids(ref, text, specials_as_text=False), (messages, gen)
 
 
-def test_unknown_chat_template_is_a_clear_error(trained):
-    config = {"chat_template": "{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}",
-              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    _, ours, _ = variant(trained, "unknown_template", config)
-    assert ours.chat_format is None and ours.eos_id == ours.pad_id == 0
-    with pytest.raises(UserError, match="ChatML.*Llama-3"):
-        ours.encode_chat([{"role": "user", "content": "hi"}])
+def test_any_template_renders_and_template_errors_are_user_errors(trained):
+    from transformers import PreTrainedTokenizerFast
+
+    template = "{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
+    config = {"chat_template": template, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    ref, ours, out = variant(trained, "inst_template", config)
+    assert ours.eos_id == ours.pad_id == 0  # no special after an assistant turn: eos_token
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    messages = [{"role": "user", "content": "hi 12"}]
+    assert ours.encode_chat(messages) == hf.apply_chat_template(messages, chat_template=template, return_dict=False)
+
+    config["chat_template"] = "{{ raise_exception('Conversation roles must alternate') }}"
+    _, ours, _ = variant(trained, "raising_template", config)
+    with pytest.raises(UserError, match="chat template: Conversation roles must alternate"):
+        ours.encode_chat(messages)
+    config["chat_template"] = "{% for m in messages %}"
+    with pytest.raises(UserError, match="bad_template: chat template line 1"):
+        variant(trained, "bad_template", config)
 
 
 def test_rejects_ids_that_are_not_merge_ranks(trained):
@@ -297,7 +308,7 @@ def test_bundled_smollm2_matches_digits_bytelevel_reference():
 
     hf = PreTrainedTokenizerFast(tokenizer_object=ref)
     hf.chat_template = template
-    assert "You are a helpful AI assistant named SmolLM" in ours.default_system
+    assert "You are a helpful AI assistant named SmolLM" in ours.chat_template
     for messages in CONVERSATIONS:
         for gen in (False, True):
             text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
