@@ -30,8 +30,12 @@ fractions ("1,234" = "1234.0", "$1,000.50" = "1000.5", "50%" = "50", "\\frac{1}{
 = "1/2", "42 apples" = "42"); otherwise when their normalized strings are equal.
 """
 
+import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -62,9 +66,7 @@ class Example:
 
 def load_examples(path) -> list[Example]:
     """Read and validate a whole JSONL file; raise UserError naming file:line: field on any bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = check_input(path)
     examples, first_line_of_id = [], {}
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # tolerate a UTF-8 byte-order mark
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
@@ -92,6 +94,17 @@ def load_examples(path) -> list[Example]:
     if not examples:
         raise UserError(f"{path}: no examples (file is empty)")
     return examples
+
+
+def check_input(path, flag: str | None = None) -> Path:
+    """An input file that exists and is a file; the error names the flag when one is given."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise UserError(f"{where}: is a directory; expected a JSONL file")
+    if not path.is_file():
+        raise UserError(f"{where}: file not found")
+    return path
 
 
 def _parse_example(obj: dict, where: str, lineno: int, source: str) -> Example:
@@ -361,3 +374,122 @@ def append_record(f, record: dict) -> None:
     """One record per line, flushed at once: an interruption loses at most the line being written."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines: flags checked as they are parsed, outputs checked and locked before any work
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors, so a CLI prints them like every other mistake, on
+    one line: 'error: argument --lr: expected a finite number > 0, got -1 (see --help)', exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def _number(text: str, cast, ok, expected: str):
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):  # nan and inf are refused everywhere
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+# argparse `type=` functions: the value is checked in parse_args and the message names the flag.
+def positive_int(text):
+    return _number(text, int, lambda x: x > 0, "an integer > 0")
+
+
+def nonnegative_int(text):
+    return _number(text, int, lambda x: x >= 0, "an integer >= 0")
+
+
+def positive_float(text):
+    return _number(text, float, lambda x: x > 0, "a finite number > 0")
+
+
+def nonnegative_float(text):
+    return _number(text, float, lambda x: x >= 0, "a finite number >= 0")
+
+
+def fraction(text):
+    return _number(text, float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+
+
+def probability(text):
+    return _number(text, float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+
+
+def check_output(path, flag: str, kind: str = "file") -> Path:
+    """Refuse an output path that cannot be written as `kind` ("file" or "dir"): checked before
+    any model is loaded, so a wrong --out fails in a second, not after the compute."""
+    path = Path(path)
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise UserError(f"{flag} {path}: is a directory; expected a file")
+        if kind == "dir" and not path.is_dir():
+            raise UserError(f"{flag} {path}: is a file; expected a directory")
+    parent = path if kind == "dir" and path.exists() else path.parent
+    while not parent.exists():  # the first existing ancestor must be a writable directory
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
+class OutputLock:
+    """One writer per output: an advisory lock (fcntl.flock) on the hidden file .NAME.lock next to
+    `path`, held while the `with` block runs; a second run on the same output stops at once. The
+    OS releases the lock when the process ends, however it ends, so a crash leaves no stale lock
+    (at most a lock file that the next run takes over). The file is removed on exit; a run that
+    locked a file which was removed meanwhile sees it is no longer the one at that path."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self.file = None
+
+    def __enter__(self):
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock_path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not self.lock_path.exists() or self.lock_path.stat().st_ino != os.fstat(f.fileno()).st_ino:
+                raise BlockingIOError  # the holder removed it as we opened it; a new one may be held
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"{self.path} is in use by another run (pid {holder}); wait for it to finish "
+                            "or choose another output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def __exit__(self, *exc):
+        self.lock_path.unlink(missing_ok=True)  # while still held, so no one holds a removed file
+        self.file.close()  # closing the file releases the lock
+
+
+def lock_output(path):
+    """OutputLock(path), taken by the process of rank 0 only under torchrun: the ranks of one run
+    are one writer (the others write nothing there, or only through rank 0's run)."""
+    return OutputLock(path) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """'--flag: was A, now B' for every setting of `current` that differs from `saved`."""
+    return [f"--{key.replace('_', '-')}: was {saved.get(key)!r}, now {value!r}"
+            for key, value in current.items() if saved.get(key) != value]

@@ -345,40 +345,52 @@ def plot_scores(rows: list[dict], path) -> None:
 
 def main(argv=None) -> int:
     import argparse
-    import json
     from pathlib import Path
 
-    from data import UserError, atomic_write, encode_example, load_examples
+    from data import ArgumentParser, UserError, check_input, check_output, lock_output, positive_int
     from hub import BUNDLED_NAME
-    from model import CheckpointError, Transformer
-    from tokenizer import Tokenizer
+    from model import CheckpointError
 
-    ap = argparse.ArgumentParser(description="Score how on-policy a data set's responses are for a model (DDT).")
+    ap = ArgumentParser(description="Score how on-policy a data set's responses are for a model (DDT).")
     ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
     ap.add_argument("--data", required=True, help="JSONL: {question, answer}, {prompt, response} or {messages}")
     ap.add_argument("--out", default=None, help="per-example scores (JSONL); default: DATA with suffix .ddt.jsonl")
     ap.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of the calibrated test z < Φ⁻¹(α)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
     ap.add_argument("--plot", action="store_true", help="also save histograms of φ_t and z as OUT.png")
     ap.add_argument("--end-of-turn", action=argparse.BooleanOptionalAction, default=True,
                     help="score the end-of-turn token after each response, as training sees it (default); "
                          "--no-end-of-turn scores the response text alone, like the authors' demo, whose "
                          "−0.05 / −0.1 thresholds assume that")
-    args = ap.parse_args(argv)
     try:
+        args = ap.parse_args(argv)
         if not 0 < args.alpha < 1:
-            raise UserError("--alpha must lie strictly between 0 and 1")
-        if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-            raise UserError("--batch-size and --limit must be positive")
-        examples = load_examples(args.data)[:args.limit]
-        out = Path(args.out) if args.out else Path(args.data).with_suffix(".ddt.jsonl")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = Transformer.from_pretrained(args.model, device=device)
-        tok = Tokenizer.from_pretrained(args.model)
+            raise UserError(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
+        check_input(args.data, "--data")
+        out = check_output(args.out or Path(args.data).with_suffix(".ddt.jsonl"), "--out")
+        with lock_output(out):
+            return score_file(args, out)
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
+
+
+def score_file(args, out) -> int:
+    """ddt.py's work once its flags are checked: score --data, write `out`, print the summary."""
+    import json
+
+    from data import atomic_write, encode_example, load_examples
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    examples = load_examples(args.data)[:args.limit]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Transformer.from_pretrained(args.model, device=device)
+    tok = Tokenizer.from_pretrained(args.model)
     seqs = [encode_example(tok, ex) for ex in examples]
     skip_ids = () if args.end_of_turn else (tok.eos_id,)
     rows = score_examples(model, seqs, tok.pad_id, args.batch_size, token_phi=args.plot, progress=True,

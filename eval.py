@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import UserError, answers_match, atomic_write, encode_example, find_answer, load_examples
+from data import (ArgumentParser, UserError, answers_match, atomic_write, check_input, check_output, encode_example,
+                  find_answer, load_examples, lock_output, positive_int)
 from ddt import STATS_CHUNK, float32_logits, log_probs, response_hidden, row_dot, score_examples, spread
 from hub import resolve_model_dir
 from model import CheckpointError, Transformer, generate
@@ -314,15 +315,15 @@ def slug(name: str) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", action="append", required=True,
                     help="HF directory, hub id or the bundled model name; repeat to compare models")
     ap.add_argument("--data", required=True, help="JSONL with questions and gold answers (data.py formats)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples only")
     ap.add_argument("--out", default="eval_results.json", help="results JSON; per-model outputs go next to it")
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="longest answer")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=512, help="longest answer")
+    ap.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward")
     ap.add_argument("--ddt", action="store_true", help="also compute φ of the reference solutions per model")
     ap.add_argument("--end-of-turn", action=argparse.BooleanOptionalAction, default=True,
                     help="with --ddt: score each reference's end-of-turn token too, as training sees it; "
@@ -331,7 +332,7 @@ def parse_args(argv=None):
     ap.add_argument("--base", default=None, help="with --ddt: measure each model's KL(base ‖ model)")
     ap.add_argument("--general-prompts", default=None,
                     help="instructions for the KL drift: text file, one per line, or JSONL (default: built-in 50)")
-    ap.add_argument("--general-max-new-tokens", type=int, default=256, help="longest base answer for the KL drift")
+    ap.add_argument("--general-max-new-tokens", type=positive_int, default=256, help="longest base answer for the KL drift")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="weights dtype (default: bfloat16 on CUDA, float32 on CPU); statistics are float32")
@@ -341,24 +342,27 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for name in ("limit", "max_new_tokens", "batch_size", "general_max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.base and not args.ddt:
         raise UserError("--base needs --ddt (the drift is one of the distribution metrics)")
     if args.general_prompts and not args.base:
         raise UserError("--general-prompts needs --base (they are only used for the KL drift)")
+    check_input(args.data, "--data")
+    check_output(args.out, "--out")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         check_args(args)
-        return run(args, argv if argv is not None else sys.argv[1:])
+        with lock_output(args.out):
+            return run(args, argv if argv is not None else sys.argv[1:])
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: results not written (outputs of the models already evaluated are kept)",
+              file=sys.stderr)
+        return 130
 
 
 def run(args, argv) -> int:

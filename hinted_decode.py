@@ -47,11 +47,15 @@ The pipeline (`python hinted_decode.py --data FILE.jsonl --out OUT.jsonl`):
 gold), the one answer check eval.py uses too. Kept records go to OUT.jsonl, a valid --data
 file for train.py; failed ones to OUT.failed.jsonl. Records are appended and flushed one by
 one; a rerun skips the example ids already in either file, cuts off a torn last line left by
-a crash, and refuses files whose records are not examples of --data.
+a crash, and refuses files whose records are not examples of --data. The decoding settings
+(β, mode, --max-new-tokens, sampling, model, ...) are stored in OUT.settings.json before the first
+record, and an --out is only extended with the same ones. One run at a time per --out (an
+advisory lock, data.OutputLock).
 `python hinted_decode.py` alone runs a demo on the bundled model.
 """
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -61,8 +65,9 @@ from pathlib import Path
 import torch
 
 import model as decoding  # the stop rule and the compaction threshold live with `generate`
-from data import (Example, UserError, answers_match, append_record, drop_torn_tail, encode_example, extract_answer,
-                  find_answer, load_examples, read_log)
+from data import (ArgumentParser, Example, UserError, answers_match, append_record, atomic_write, changed_settings,
+                  check_input, check_output, drop_torn_tail, encode_example, extract_answer, find_answer, fraction,
+                  load_examples, lock_output, nonnegative_float, nonnegative_int, positive_int, probability, read_log)
 from ddt import entropy, log_probs, score_examples
 from model import (CheckpointError, KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad,
                    sample_next)
@@ -294,6 +299,41 @@ def failed_path(out: Path) -> Path:
     return out.with_name(out.stem + ".failed" + (out.suffix or ".jsonl"))
 
 
+# The settings that shape the records, stored in OUT.settings.json before the first record: an
+# --out is only extended with the same ones. --data is checked record by record (check_resume);
+# --limit, --batch-size, --device and --quiet may change.
+DECODING_SETTINGS = ("model", "beta", "mode", "sigmoid_center", "piecewise_bounds", "max_new_tokens", "temperature",
+                     "top_p", "seed", "splitter", "analysis", "analysis_max_tokens")
+
+
+def settings_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".settings.json")
+
+
+def decoding_settings(args) -> dict:
+    settings = {k: getattr(args, k) for k in DECODING_SETTINGS}
+    settings["piecewise_bounds"] = list(settings["piecewise_bounds"])  # as JSON gives it back
+    return settings
+
+
+def check_settings(out: Path, args, has_records: bool):
+    """Refuse to extend an --out made with other decoding settings (or with unknown ones)."""
+    path = settings_path(out)
+    if not path.exists():
+        if has_records:
+            raise UserError(f"--out {out}: holds records but no {path.name}, so the settings they were made with "
+                            "are unknown; choose another --out")
+        return
+    try:
+        saved = json.loads(path.read_text())["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: not written by hinted_decode.py (no 'settings'); choose another --out") from None
+    changed = changed_settings(saved, decoding_settings(args))
+    if changed:
+        raise UserError(f"--out {out} was made with other settings: {'; '.join(changed)}; rerun with those or "
+                        "choose another --out")
+
+
 def check_resume(examples: list[Example], files: dict) -> dict[str, dict]:
     """Records already written (files: path -> data.read_log result), by example id; refuse
     files written by another program or from another --data."""
@@ -402,6 +442,7 @@ def run_pipeline(args) -> int:
         raise UserError(f"--out {out}: would write into --data itself; choose another --out")
     files = {path: read_log(path, "hinted_decode.py") for path in (out, failed)}
     done = check_resume(examples, files)
+    check_settings(out, args, has_records=bool(done))
     todo = [ex for ex in examples if ex.id not in done]
     print(f"{len(examples)} examples, {len(done)} already in {out}, {len(todo)} to do", file=sys.stderr)
     if todo:
@@ -410,6 +451,7 @@ def run_pipeline(args) -> int:
         for path, (_, end) in files.items():
             drop_torn_tail(path, end)  # its example is simply done again
         out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(settings_path(out), json.dumps({"settings": decoding_settings(args)}, indent=1) + "\n")
         records = list(done.values())
         start = time.perf_counter()
         with open(out, "a", encoding="utf-8", newline="\n") as f_out, \
@@ -478,35 +520,36 @@ def run_demo(args) -> int:
 def parse_args(argv=None):
     from hub import BUNDLED_NAME
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="Rewrite reference solutions into the model's own words with hinted decoding "
                     "(SPEC §4). Without --data: a demo on one built-in problem.",
         epilog="Output: --out gets the kept examples (source on_policy or hinted), a valid --data file for "
                "train.py; OUT.failed.jsonl next to it gets the rest. Records are appended one by one: "
                "rerunning with the same --out continues where a run stopped (ids from --data); an --out "
-               "written from another --data is refused.")
+               "written from another --data or with other decoding settings (OUT.settings.json) is refused.")
     ap.add_argument("--data", help="JSONL training data (GSM8K, prompt/response or messages format)")
     ap.add_argument("--out", help="JSONL output (required with --data)")
     ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
-    ap.add_argument("--beta", type=float, default=3.0, help="β of the λ rule (default 3; 0 = hint stream alone)")
+    ap.add_argument("--beta", type=nonnegative_float, default=3.0,
+                    help="β of the λ rule (default 3; 0 = hint stream alone)")
     ap.add_argument("--mode", choices=MODES, default="linear", help="λ rule (default linear: clamp(β·h, 0, 1))")
-    ap.add_argument("--sigmoid-center", type=float, default=0.5, help="c of the sigmoid mode")
-    ap.add_argument("--piecewise-bounds", type=float, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"),
+    ap.add_argument("--sigmoid-center", type=fraction, default=0.5, help="c of the sigmoid mode")
+    ap.add_argument("--piecewise-bounds", type=fraction, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"),
                     help="mode piecewise: λ = 0 below H1, 1 above H2, linear between (default 0.3 0.7)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 512 (demo: 256)")
-    ap.add_argument("--batch-size", type=int, default=8, help="examples decoded together (2 rows each)")
-    ap.add_argument("--temperature", type=float, default=0.0,
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="default 512 (demo: 256)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="examples decoded together (2 rows each)")
+    ap.add_argument("--temperature", type=nonnegative_float, default=0.0,
                     help="0 = greedy (default); the authors' demo uses --top-p 0.95 --temperature 0.3")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus, applied before the temperature")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed (the batch that starts at the i-th example still to do uses seed + i)")
+    ap.add_argument("--top-p", type=probability, default=1.0, help="nucleus, applied before the temperature")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (the batch that starts at the i-th example still to do uses seed + i)")
     ap.add_argument("--splitter", default="auto",
                     help="text after which the plain stream decodes alone; 'auto' (default): '####' or "
                          "'\\boxed{' from the reference's answer format; 'none': never switch")
     ap.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=False,
                     help="first write a greedy '# Analysis' prefix, cut at the last '# CoT' header "
                          "(default off: small models rarely write the headers)")
-    ap.add_argument("--analysis-max-tokens", type=int, default=256)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N examples of --data")
+    ap.add_argument("--analysis-max-tokens", type=positive_int, default=256, help="longest analysis prefix")
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N examples of --data")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -522,25 +565,27 @@ def check_args(args):
         raise UserError("--out needs --data")
     if args.data is not None and args.out is None:
         raise UserError("--data needs --out")
-    for name in ("max_new_tokens", "batch_size", "analysis_max_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise UserError("--limit must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("need --temperature >= 0 and 0 < --top-p <= 1")
     if args.mode == "piecewise" and not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
         raise UserError("--piecewise-bounds H1 H2 needs H1 < H2")
+    if args.data is not None:
+        check_input(args.data, "--data")
+        check_output(args.out, "--out")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         check_args(args)
-        return run_pipeline(args) if args.data else run_demo(args)
+        if not args.data:
+            return run_demo(args)
+        with lock_output(args.out):
+            return run_pipeline(args)
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while loading (once decoding, run_pipeline reports what it kept)
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ hidden states, so no [tokens × vocab] tensor is ever held for the whole batch.
 Checkpoints are Hugging Face directories (config.json, model.safetensors, tokenizer files)
 plus trainer_state.pt (optimizer, step, RNG), written to a temporary directory and renamed
 into place. `--resume` continues where the last checkpoint stopped, λ schedule included; on
-CPU the continuation is bit-for-bit the same as an uninterrupted run. Ctrl-C saves first.
+CPU the continuation is bit-for-bit the same as an uninterrupted run. Ctrl-C saves first (once
+a step has finished). A resume must keep the settings that define the run (RUN/args.json,
+`check_same_run`); only the flags in RESUMABLE may change. One run per --out at a time
+(data.OutputLock).
 
 Data parallel: `torchrun --nproc_per_node N train.py ...` (DDP; `--fsdp` shards parameters
 with FSDP2). Plot a run's curves: `python train.py --plot RUN_DIR`.
@@ -44,7 +47,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm import tqdm
 
 import idft
-from data import UserError, atomic_write, encode_example, load_examples
+from data import (ArgumentParser, UserError, append_record, atomic_write, changed_settings, check_input, check_output,
+                  drop_torn_tail, encode_example, file_sha256, fraction, load_examples, lock_output, nonnegative_float,
+                  nonnegative_int, positive_float, positive_int, read_log)
 from ddt import next_token_targets, pad_sequences
 from hub import BUNDLED_NAME, resolve_model_dir
 from model import CheckpointError, Transformer
@@ -140,8 +145,19 @@ def build_optimizer(model: nn.Module, args, fused: bool) -> torch.optim.AdamW:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `latest` points at; if that one is gone (deleted by hand, say), the newest
+    complete one (trainer_state.pt is written last, so a checkpoint holding it is complete)."""
     pointer = out / "latest"
-    return out / pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    named = out / pointer.read_text().strip()
+    if (named / "trainer_state.pt").is_file():
+        return named
+    complete = [d for d in sorted((out / "checkpoints").glob("step-*")) if (d / "trainer_state.pt").is_file()]
+    fallback = complete[-1] if complete else None
+    print(f"{pointer} points at {named}, which is missing or incomplete; using "
+          f"{fallback or 'no checkpoint (none is complete)'}", file=sys.stderr)
+    return fallback
 
 
 def save_checkpoint(out: Path, step: int, loss_head, optimizer, source_dir: Path, rank: int, keep: int):
@@ -183,14 +199,24 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The complete lines of RUN/metrics.jsonl (a torn last line, left by a kill, is not one)."""
+    records, _ = read_log(out / "metrics.jsonl", "train.py")
+    return [{k: v for k, v in r.items() if k != "_line"} for r in records]
 
 
 def keep_metrics_until(out: Path, step: int):
-    """After a resume, drop log lines of steps the restored weights have not seen."""
+    """After a resume, drop a torn last line and the lines of steps the restored weights have not seen."""
+    path = out / "metrics.jsonl"
+    drop_torn_tail(path, read_log(path, "train.py")[1])
     kept = [r for r in read_metrics(out) if r["step"] <= step]
-    atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of the logged quantities; eval rows are lines of their own."""
+    keys = ("loss", "eval_loss", "lr", "grad_norm", "lambda", "phi_mean", "gamma_mean", "tokens_per_s")
+    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in keys}
+    return {key: points for key, points in series.items() if points}
 
 
 def plot_run(run_dir: Path) -> Path:
@@ -199,14 +225,11 @@ def plot_run(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(run_dir) if "loss" in r]
-    if not rows:
+    panels = curves(read_metrics(run_dir))
+    if "loss" not in panels:
         raise UserError(f"{run_dir / 'metrics.jsonl'}: no training steps logged")
-    panels = [k for k in ("loss", "eval_loss", "lr", "grad_norm", "lambda", "phi_mean", "gamma_mean", "tokens_per_s")
-              if any(k in r for r in rows)]
     fig, axes = plt.subplots(math.ceil(len(panels) / 2), 2, figsize=(10, 2.6 * math.ceil(len(panels) / 2)))
-    for ax, key in zip(axes.flat, panels):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+    for ax, (key, pts) in zip(axes.flat, panels.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
@@ -222,36 +245,38 @@ def plot_run(run_dir: Path) -> Path:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", help="training JSONL: {question, answer}, {prompt, response} or {messages}")
     ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
     ap.add_argument("--out", default="runs/train", help="run directory: checkpoints, metrics.jsonl, curves")
     ap.add_argument("--loss", default="idft", choices=idft.METHODS, help="training objective (SPEC §3)")
-    ap.add_argument("--beta", type=float, default=1.0, help="IDFT temperature β in γ = exp(−φ/β)")
-    ap.add_argument("--gamma-min", type=float, default=0.1, help="lower clamp of γ")
-    ap.add_argument("--gamma-max", type=float, default=2.0, help="upper clamp of γ")
-    ap.add_argument("--warmup-ratio", type=float, default=0.0,
+    ap.add_argument("--beta", type=positive_float, default=1.0, help="IDFT temperature β in γ = exp(−φ/β)")
+    ap.add_argument("--gamma-min", type=nonnegative_float, default=0.1, help="lower clamp of γ")
+    ap.add_argument("--gamma-max", type=positive_float, default=2.0, help="upper clamp of γ")
+    ap.add_argument("--warmup-ratio", type=fraction, default=0.0,
                     help="share of steps with λ = 0 (plain DFT) before IDFT's γ takes over; the authors' "
                          "published launch script uses 0, their code's default is 0.2")
-    ap.add_argument("--transition-ratio", type=float, default=0.0, help="share of steps over which λ ramps 0 → 1")
-    ap.add_argument("--eaft-top-k", type=int, default=None, help="EAFT: entropy of the top-k logits (paper: 20); default full vocabulary")
-    ap.add_argument("--threshold", type=float, default=None, help="IDFT ablation: train only tokens with −b < φ < b")
-    ap.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored with --max-steps)")
-    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (all ranks together)")
-    ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward on one rank")
-    ap.add_argument("--max-len", type=int, default=1024, help="longest sequence (prompt + response) kept")
-    ap.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
-    ap.add_argument("--lr-warmup-ratio", type=float, default=0.05, help="share of steps with linear LR warmup")
-    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    ap.add_argument("--seed", type=int, default=0, help="data order and any sampling")
+    ap.add_argument("--transition-ratio", type=fraction, default=0.0, help="share of steps over which λ ramps 0 → 1")
+    ap.add_argument("--eaft-top-k", type=positive_int, default=None, help="EAFT: entropy of the top-k logits (paper: 20); default full vocabulary")
+    ap.add_argument("--threshold", type=positive_float, default=None, help="IDFT ablation: train only tokens with −b < φ < b")
+    ap.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data (ignored with --max-steps)")
+    ap.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps to run")
+    ap.add_argument("--batch-size", type=positive_int, default=16, help="sequences per optimizer step (all ranks together)")
+    ap.add_argument("--micro-batch-size", type=positive_int, default=4, help="sequences per forward/backward on one rank")
+    ap.add_argument("--max-len", type=positive_int, default=1024, help="longest sequence (prompt + response) kept")
+    ap.add_argument("--lr", type=positive_float, default=5e-5, help="peak learning rate")
+    ap.add_argument("--lr-warmup-ratio", type=fraction, default=0.05, help="share of steps with linear LR warmup")
+    ap.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW weight decay (matrices only)")
+    ap.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="clip the global gradient norm (0 = off)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="data order and any sampling")
     ap.add_argument("--eval-data", default=None, help="held-out JSONL: mean response NLL every --eval-every steps")
-    ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
-    ap.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (and always at the end)")
-    ap.add_argument("--keep-checkpoints", type=int, default=2, help="most recent checkpoints kept on disk")
-    ap.add_argument("--log-every", type=int, default=1, help="steps between log lines")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--eval-every", type=positive_int, default=50, help="steps between evaluations")
+    ap.add_argument("--save-every", type=positive_int, default=100, help="steps between checkpoints (and always at the end)")
+    ap.add_argument("--keep-checkpoints", type=nonnegative_int, default=2, help="most recent checkpoints kept on disk (0 = all)")
+    ap.add_argument("--log-every", type=positive_int, default=1, help="steps between log lines")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its latest checkpoint; only --max-steps, --epochs, "
+                         "--micro-batch-size, --compile, --fsdp and the log/eval/save cadences may change")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the training step (default: on for CUDA, off for CPU)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -265,13 +290,46 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for name in ("batch_size", "micro_batch_size", "max_len", "eval_every", "save_every", "log_every"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError("--max-steps must be positive")
+    """What the argparse types cannot see: relations between flags, and the files named."""
     if not args.gamma_min <= args.gamma_max:
-        raise UserError("--gamma-min must not exceed --gamma-max")
+        raise UserError(f"--gamma-min {args.gamma_min} must not exceed --gamma-max {args.gamma_max}")
+    check_input(args.data, "--data")
+    if args.eval_data:
+        check_input(args.eval_data, "--eval-data")
+    check_output(args.out, "--out", kind="dir")
+
+
+# A resume continues the same run: these may change (how long, how often it logs, saves and
+# evaluates, and how the same arithmetic is laid out on the hardware); every other setting
+# defines the run and must stay as it was (run_settings).
+RESUMABLE = ("max_steps", "epochs", "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every",
+             "compile", "fsdp")
+
+
+def run_settings(args) -> dict:
+    """The settings that define a run, as saved in RUN/args.json: every flag not in RESUMABLE,
+    with the data files' sha256 (moving a file is fine, changing it is not) and the dtype
+    actually used."""
+    settings = {k: v for k, v in vars(args).items() if k not in (*RESUMABLE, "resume", "plot", "out")}
+    settings["data"] = "sha256:" + file_sha256(args.data)
+    settings["eval_data"] = "sha256:" + file_sha256(args.eval_data) if args.eval_data else None
+    settings["dtype"] = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    return settings
+
+
+def check_same_run(out: Path, args):
+    """Refuse a --resume whose run-defining settings differ from those in RUN/args.json."""
+    path = out / "args.json"
+    if not path.is_file():
+        return  # a run from before args.json held its settings: nothing to compare with
+    try:
+        saved = json.loads(path.read_text())["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: not written by this train.py (no 'settings'); cannot check the resume") from None
+    changed = changed_settings(saved, run_settings(args))
+    if changed:
+        raise UserError(f"--resume would join two different trainings in {out}: {'; '.join(changed)} "
+                        f"(only --{', --'.join(k.replace('_', '-') for k in RESUMABLE)} may change)")
 
 
 def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dict:
@@ -289,16 +347,20 @@ def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dic
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.plot is not None:
             print(plot_run(Path(args.plot)))
             return 0
         check_args(args)
-        return train(args)
+        with lock_output(args.out):  # under torchrun, rank 0's lock covers the run
+            return train(args)
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the training loop (which saves and says so itself)
+        print("\ninterrupted before training started: nothing saved", file=sys.stderr)
+        return 130
 
 
 @dataclass
@@ -417,6 +479,8 @@ def train(args) -> int:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and resume_dir is None:
         log(f"no checkpoint in {out}: starting a new run")
+    if resume_dir is not None:
+        check_same_run(out, args)
     source_dir = resolve_model_dir(args.model)
     tokenizer = Tokenizer.from_pretrained(source_dir)
     seqs, skipped = tokenize_dataset(args.data, tokenizer, args.max_len)
@@ -453,7 +517,7 @@ def train(args) -> int:
 
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "args.json", json.dumps(vars(args), indent=2) + "\n")
+        atomic_write(out / "args.json", json.dumps({"settings": run_settings(args), "args": vars(args)}, indent=2) + "\n")
         log(f"{len(seqs)} training sequences ({skipped} skipped: longer than --max-len {args.max_len}); "
             f"{total_steps} steps of {args.batch_size}; loss {args.loss}; world {world}; compile {compile_step}; {dtype}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -486,18 +550,21 @@ def train(args) -> int:
                 if peak_flops:
                     record["mfu"] = 6 * n_params * result.n_tokens * world / seconds / (peak_flops * world)
                 with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    append_record(f, record)
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", phi=f"{stats['phi_mean']:+.3f}")
             if eval_seqs and (step % args.eval_every == 0 or step == total_steps):
                 metrics = evaluate(loss_head, eval_seqs, tokenizer.pad_id, device, args.micro_batch_size, autocast)
                 if main_process:
                     with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **metrics}) + "\n")
+                        append_record(f, {"step": step, **metrics})
                     log(f"step {step}: eval loss {metrics['eval_loss']:.4f}, eval φ {metrics['eval_phi_mean']:+.4f}")
             if step % args.save_every == 0 or step == total_steps:
                 save_checkpoint(out, step, loss_head, optimizer, source_dir, rank, args.keep_checkpoints)
     except KeyboardInterrupt:
         bar.close()
+        if step == start_step:  # nothing learned since the start: no copy of what is already on disk
+            log(f"interrupted before step {step + 1} finished: nothing saved")
+            return 130
         last = latest_checkpoint(out)
         if last is None or last.name != f"step-{step:07d}":
             save_checkpoint(out, step, loss_head, optimizer, source_dir, rank, args.keep_checkpoints)

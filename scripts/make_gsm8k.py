@@ -19,7 +19,6 @@ disagrees with the generator's answer numerically ('#### 21.0' for "21", about 4
     python scripts/make_gsm8k.py --out-dir data
 """
 
-import argparse
 import json
 import random
 import sys
@@ -27,8 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-from data import UserError, answers_match, find_answer, atomic_write  # noqa: E402
+from data import (ArgumentParser, UserError, answers_match, atomic_write, check_output, find_answer,  # noqa: E402
+                  nonnegative_int, positive_int)
 
+HELDOUT_TEMPLATES = 15  # of the 85 usable templates, kept out of train and test
 QUESTION_SUFFIX = " Give the result as your final answer. Do not include units."  # as reasoning-gym adds
 
 
@@ -69,9 +70,6 @@ def make_split(name, templates, n, seed, generators, seen, dropped) -> list[dict
 
 def build(n_train: int, n_test: int, n_heldout: int, heldout_templates: int, seed: int):
     """Returns ({file name: JSONL text}, {split: (templates, dropped counts)})."""
-    for flag, value in [("--n-train", n_train), ("--n-test", n_test), ("--n-heldout", n_heldout)]:
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
     generators = load_generators()
     all_templates = sorted(generators)
     if not 1 <= heldout_templates < len(all_templates):
@@ -88,30 +86,41 @@ def build(n_train: int, n_test: int, n_heldout: int, heldout_templates: int, see
     return texts, info
 
 
+def write_splits(out: Path, texts: dict[str, str], overwrite: bool, remedy: str) -> list[str]:
+    """Write the files whose content changed; the names written. Every file is checked before
+    any is written, so a refusal (a file with other content, `remedy` says what to do) leaves
+    the directory untouched."""
+    changed = [f for f, text in texts.items() if not (out / f).exists() or (out / f).read_bytes() != text.encode()]
+    clash = [str(out / f) for f in changed if (out / f).exists()]
+    if clash and not overwrite:
+        raise UserError(f"{', '.join(clash)} already exist(s) with different content; {remedy}")
+    for f in changed:
+        atomic_write(out / f, texts[f])
+    return changed
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", default="data", help="output directory (default: data)")
-    ap.add_argument("--n-train", type=int, default=7000)
-    ap.add_argument("--n-test", type=int, default=500)
-    ap.add_argument("--n-heldout", type=int, default=500)
-    ap.add_argument("--heldout-templates", type=int, default=15, help="templates kept out of train/test (of 85)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=positive_int, default=7000)
+    ap.add_argument("--n-test", type=positive_int, default=500)
+    ap.add_argument("--n-heldout", type=positive_int, default=500)
+    ap.add_argument("--heldout-templates", type=positive_int, default=HELDOUT_TEMPLATES,
+                    help="templates kept out of train/test (of 85)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite existing files with different content")
-    args = ap.parse_args(argv)
     try:
+        args = ap.parse_args(argv)
         t0 = time.time()
+        out = check_output(args.out_dir, "--out-dir", kind="dir")
         texts, info = build(args.n_train, args.n_test, args.n_heldout, args.heldout_templates, args.seed)
-        out = Path(args.out_dir)
-        # Check every file before writing any, so a refusal leaves the directory untouched.
-        changed = [f for f, text in texts.items() if not (out / f).exists() or (out / f).read_bytes() != text.encode()]
-        clash = [str(out / f) for f in changed if (out / f).exists()]
-        if clash and not args.force:
-            raise UserError(f"{', '.join(clash)} already exist(s) with different content; use --force to overwrite")
-        for f in changed:
-            atomic_write(out / f, texts[f])
+        changed = write_splits(out, texts, args.force, "use --force to overwrite")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: each file is complete or untouched (written atomically)", file=sys.stderr)
+        return 130
     for name, (templates, dropped) in info.items():
         f = out / f"{name}.jsonl"
         n = texts[f.name].count("\n")

@@ -53,8 +53,8 @@ import eval as evaluation  # noqa: E402
 import hinted_decode  # noqa: E402
 import make_gsm8k  # noqa: E402  (scripts/ is on the path: this file lives there)
 import train  # noqa: E402
-from data import (Example, UserError, answers_match, atomic_write, encode_example, extract_answer,  # noqa: E402
-                  load_examples, read_log, replace_marked_block)
+from data import (ArgumentParser, Example, UserError, answers_match, atomic_write, check_output,  # noqa: E402
+                  encode_example, extract_answer, load_examples, lock_output, read_log, replace_marked_block)
 from ddt import score_examples  # noqa: E402
 from hub import BUNDLED_NAME, resolve_model_dir  # noqa: E402
 from model import CheckpointError, Transformer, generate  # noqa: E402
@@ -140,10 +140,10 @@ def mean(xs):
 
 
 def make_data(out: Path, scale: Scale) -> dict[str, Path]:
-    """make_gsm8k.py is deterministic and refuses to overwrite different content: always run it."""
-    check(make_gsm8k.main(["--out-dir", str(out / "data"), "--n-train", str(scale.n_train), "--n-test",
-                           str(scale.n_test), "--n-heldout", str(scale.n_heldout), "--seed", str(SEED)]),
-          "scripts/make_gsm8k.py")
+    """make_gsm8k.py's splits: deterministic, so always made; files with other content are refused."""
+    texts, _ = make_gsm8k.build(scale.n_train, scale.n_test, scale.n_heldout, make_gsm8k.HELDOUT_TEMPLATES, SEED)
+    written = make_gsm8k.write_splits(out / "data", texts, overwrite=False, remedy="delete them or choose another --out")
+    log(f"data: {', '.join(written) or 'nothing'} written in {out / 'data'}")
     return {split: out / "data" / f"{split}.jsonl" for split in ("train", "test", "heldout")}
 
 
@@ -229,16 +229,12 @@ def plot_ddt(token_phi: dict, summary: dict, path: Path):
 
 
 def hd_stage(out: Path, model: str, train_file: Path, scale: Scale, device: str) -> Path:
-    """hinted_decode.py resumes by itself: it skips the examples already in hd.jsonl."""
+    """hinted_decode.py resumes by itself: it skips the examples already in hd.jsonl and refuses
+    to extend it with other settings (hd.settings.json)."""
     hd = out / "hd.jsonl"
     argv = ["--data", str(train_file), "--out", str(hd), "--model", model, "--beta", str(HD_BETA),
             "--max-new-tokens", str(scale.max_new_tokens), "--batch-size", str(max(1, scale.eval_batch_size // 2)),
             "--seed", str(SEED), "--device", device, "--quiet"]
-    settings_file = out / "hd.settings.json"
-    if reuse(settings_file, argv) is None:  # records made with other settings must not be mixed in
-        if hd.exists():
-            raise UserError(f"{hd} exists without {settings_file.name}: delete it or choose another --out")
-        save(settings_file, argv, {})
     log(f"hd: hinted_decode.py on {train_file} -> {hd}")
     check(hinted_decode.main(argv), "hinted_decode.py")
     return hd
@@ -522,7 +518,7 @@ def update_readme(results_root: Path):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--scale", choices=SCALES, required=True, help="smoke (minutes), cpu (~2 h on 2 cores), gpu")
     ap.add_argument("--model", default=BUNDLED_NAME, help="base model (default: the bundled SmolLM2-135M-Instruct)")
@@ -534,30 +530,37 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parse_args(argv)
-    scale = SCALES[args.scale]
-    out = Path(args.out or ROOT / "results" / args.scale)
     try:
-        start = time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        base_dir = resolve_model_dir(args.model).resolve()
-        files = make_data(out, scale)
-        ddt = ddt_stage(out, base_dir, files["train"], scale, args.device)
-        files["hd"] = hd_stage(out, str(base_dir), files["train"], scale, args.device)
-        models = {"base": {"checkpoint": str(base_dir)}, **train_stage(out, str(base_dir), files, scale)}
-        results = eval_stage(out, base_dir, models, files, scale, args.device)
-        text = report(out, args.scale, scale, ddt, files["hd"], results, argv, args.device)
-        if args.out is None:
-            update_readme(out.parent)
-        print(text)
-        log(f"done in {(time.time() - start) / 60:.1f} min: {out / 'results.md'}")
-        return 0
+        args = parse_args(argv)
+        scale = SCALES[args.scale]
+        out = Path(args.out or ROOT / "results" / args.scale)
+        check_output(out, "--out", kind="dir")
+        with lock_output(out):
+            return run(args, argv, scale, out)
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept; rerun the same command to continue", file=sys.stderr)
         return 130
+
+
+def run(args, argv: list[str], scale: Scale, out: Path) -> int:
+    """Every stage in order (each one reused, resumed or redone), then the report."""
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    base_dir = resolve_model_dir(args.model).resolve()
+    files = make_data(out, scale)
+    ddt = ddt_stage(out, base_dir, files["train"], scale, args.device)
+    files["hd"] = hd_stage(out, str(base_dir), files["train"], scale, args.device)
+    models = {"base": {"checkpoint": str(base_dir)}, **train_stage(out, str(base_dir), files, scale)}
+    results = eval_stage(out, base_dir, models, files, scale, args.device)
+    text = report(out, args.scale, scale, ddt, files["hd"], results, argv, args.device)
+    if args.out is None:
+        update_readme(out.parent)
+    print(text)
+    log(f"done in {(time.time() - start) / 60:.1f} min: {out / 'results.md'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -281,8 +281,8 @@ def test_compare_models_with_ddt_and_drift(tiny_model_dir, second_model_dir, tmp
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "missing.jsonl"], "missing.jsonl: file not found"),
-    (["--limit", "0"], "--limit must be positive"),
-    (["--batch-size", "-1"], "--batch-size must be positive"),
+    (["--limit", "0"], "argument --limit: expected an integer > 0, got 0"),
+    (["--batch-size", "-1"], "argument --batch-size: expected an integer > 0, got -1"),
     (["--base", "x"], "--base needs --ddt"),
     (["--general-prompts", "x.txt"], "--general-prompts needs --base"),
     (["--model", "no/such/dir/here"], "no/such/dir/here"),

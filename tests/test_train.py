@@ -214,6 +214,15 @@ def test_two_processes_equal_one(sharding, tiny_model_dir, tmp_path):
     for name in one:
         assert torch.allclose(one[name], two[name], atol=2e-6, rtol=0), name
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    # the logged φ/γ statistics are those of every token of the step, not rank 0's share
+    one_rows, two_rows = ([r for r in train.read_metrics(tmp_path / d) if "loss" in r] for d in ("single", "ddp"))
+    keys = [k for k in one_rows[0] if k.startswith(("phi_", "gamma_")) or k == "n_valid"]
+    assert {"phi_mean", "phi_std", "phi_min", "phi_max", "phi_median", "phi_hist", "gamma_mean", "gamma_hist",
+            "n_valid"} <= set(keys)
+    assert len(one_rows) == len(two_rows) == 2
+    for one_row, two_row in zip(one_rows, two_rows):
+        for key in keys:
+            assert two_row[key] == pytest.approx(one_row[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("line, message", [
