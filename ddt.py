@@ -46,6 +46,10 @@ Memory: logits are processed in chunks of tokens; per chunk the code holds two
 [chunk × |V|] float32 buffers (log p and p), never the float32 copy of the whole batch.
 `log_probs`, `entropy` and `log_softmax_stats` are the one implementation of this math:
 idft.py (the loss), hinted_decode.py (the mixing weight) and eval.py (the drift KL) use them.
+
+`torchrun --nproc_per_node N ddt.py --data ...` scores in parallel: batch k of --batch-size
+examples goes to rank k mod N (data.shard), rank 0 gathers the rows in input order and writes
+the same file a single process writes.
 """
 
 import math
@@ -369,7 +373,7 @@ def main(argv=None) -> int:
             raise UserError(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
         check_input(args.data, "--data")
         out = check_output(args.out or Path(args.data).with_suffix(".ddt.jsonl"), "--out")
-        with lock_output(out):
+        with lock_output(out):  # under torchrun, rank 0's lock covers the run
             return score_file(args, out)
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -380,21 +384,28 @@ def main(argv=None) -> int:
 
 
 def score_file(args, out) -> int:
-    """ddt.py's work once its flags are checked: score --data, write `out`, print the summary."""
+    """ddt.py's work once its flags are checked: score --data (this process's share under
+    torchrun: data.shard), and on rank 0 write `out` and print the summary."""
     import json
 
-    from data import atomic_write, encode_example, load_examples
+    from data import (atomic_write, encode_example, gather_in_order, load_examples, print_shares, rank_device, shard,
+                      start_ranks)
     from model import Transformer
     from tokenizer import Tokenizer
 
     examples = load_examples(args.data)[:args.limit]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks = start_ranks()
+    device = rank_device("cuda" if torch.cuda.is_available() else "cpu")
     model = Transformer.from_pretrained(args.model, device=device)
     tok = Tokenizer.from_pretrained(args.model)
-    seqs = [encode_example(tok, ex) for ex in examples]
+    seqs = [encode_example(tok, ex) for ex in shard(examples, ranks, args.batch_size)]
     skip_ids = () if args.end_of_turn else (tok.eos_id,)
     rows = score_examples(model, seqs, tok.pad_id, args.batch_size, token_phi=args.plot, progress=True,
                           skip_ids=skip_ids)
+    print_shares(len(rows), ranks)
+    rows = gather_in_order(rows, ranks, args.batch_size)
+    if not ranks.main:
+        return 0
     if args.plot:
         plot_scores(rows, out.with_suffix(".png"))
     lines = [json.dumps({"id": ex.id, "line": ex.line, **{k: v for k, v in r.items() if k != "phi_tokens"}})

@@ -30,7 +30,12 @@ R.<model>.jsonl per model, one row per question with the output, the extracted a
 rule that found it, the verdict and the stop reason (and the reference's φ with --ddt); with
 several models also R.md (comparison table, also printed) and R.png (accuracy with its
 interval, and the drift). tokens/s counts the output tokens per second of decoding (prefill
-included in the time).
+included in the time; under torchrun: all output tokens per second of the slowest rank).
+
+Data parallel: `torchrun --nproc_per_node N eval.py ...` splits every step (the base's answers,
+the answers, φ, the drift) by batches, batch k to rank k mod N (data.shard), on cuda:LOCAL_RANK
+or the CPU; the results are gathered back in input order (data.gather_in_order), so every
+file rank 0 writes equals a one-process run's, timing fields aside.
 """
 
 import argparse
@@ -49,8 +54,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import (ArgumentParser, UserError, answers_match, atomic_write, check_input, check_output, encode_example,
-                  find_answer, load_examples, lock_output, positive_int)
+from data import (ArgumentParser, Ranks, UserError, answers_match, atomic_write, check_input, check_output,
+                  encode_example, every_rank, find_answer, gather_in_order, load_examples, lock_output, positive_int,
+                  print_shares, rank_device, shard, start_ranks)
 from ddt import STATS_CHUNK, float32_logits, log_probs, response_hidden, row_dot, score_examples, spread
 from hub import resolve_model_dir
 from model import CheckpointError, Transformer, generate
@@ -133,17 +139,20 @@ class Generation:
 
 
 def generate_all(model, prompts: list[list[int]], stop_ids, max_new_tokens: int, batch_size: int,
-                 desc: str) -> tuple[list[Generation], float]:
-    """Greedy outputs for all prompts, in input order, and the seconds spent decoding.
+                 desc: str, ranks=None) -> tuple[list[Generation], float]:
+    """Greedy outputs for all prompts, in input order, and the seconds spent decoding (under
+    torchrun: by the slowest rank; each rank decodes its data.shard of the batches).
 
     Prompts are batched longest first so rows of a batch need little left padding; padding is
     masked, so the batch a prompt lands in does not change its output.
     """
+    ranks = ranks or Ranks()
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    mine = shard(order, ranks, batch_size)
     results, seconds = [None] * len(prompts), 0.0
-    with tqdm(total=len(prompts), desc=desc, unit="q", file=sys.stderr) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+    with tqdm(total=len(mine), desc=desc, unit="q", file=sys.stderr) as bar:
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start:start + batch_size]
             t0 = time.perf_counter()
             outs, stops = generate(model, [prompts[i] for i in batch], max_new_tokens, stop_ids=stop_ids)
             if model.embed_tokens.weight.is_cuda:
@@ -152,7 +161,10 @@ def generate_all(model, prompts: list[list[int]], stop_ids, max_new_tokens: int,
             for i, out, stop in zip(batch, outs, stops):
                 results[i] = Generation(out, stop)
             bar.update(len(batch))
-    return results, seconds
+    print_shares(len(mine), ranks)
+    for i, generation in zip(order, gather_in_order([results[i] for i in mine], ranks, batch_size)):
+        results[i] = generation
+    return results, max(every_rank(seconds, ranks))
 
 
 # ---- Distribution metrics ---------------------------------------------------------------------
@@ -184,11 +196,11 @@ def kl_from_base(base, model, seqs, pad_id: int, batch_size: int, chunk: int = S
 # ---- One model --------------------------------------------------------------------------------
 
 
-def evaluate_model(model, tok, examples, args) -> tuple[dict, list[dict]]:
+def evaluate_model(model, tok, examples, args, ranks=None) -> tuple[dict, list[dict]]:
     """Accuracy and output statistics of one model: (summary, one row per example)."""
     prompts = [tok.encode_chat(ex.prompt, add_generation_prompt=True) for ex in examples]
     stops = tok.stop_ids
-    gens, seconds = generate_all(model, prompts, stops, args.max_new_tokens, args.batch_size, "  answers")
+    gens, seconds = generate_all(model, prompts, stops, args.max_new_tokens, args.batch_size, "  answers", ranks)
     rows = []
     for ex, g in zip(examples, gens):
         text = tok.decode([t for t in g.tokens if t not in stops])
@@ -230,7 +242,7 @@ def phi_summary(rows: list[dict]) -> dict:
 
 def load(path: Path, args):
     """(model, tokenizer) from a resolved model directory."""
-    model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device)
+    model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype), device=rank_device(args.device))
     return model, Tokenizer.from_pretrained(path)
 
 
@@ -366,6 +378,7 @@ def main(argv=None) -> int:
 
 
 def run(args, argv) -> int:
+    ranks = start_ranks()  # under torchrun: each process answers and scores its data.shard of the batches
     examples = load_examples(args.data)[:args.limit]
     for ex in examples:
         if ex.answer is None:
@@ -382,7 +395,7 @@ def run(args, argv) -> int:
         print(f"base {args.base}: greedy answers to the general prompts", file=sys.stderr)
         prompts = [base_tok.encode_chat(m, add_generation_prompt=True) for m in chats]
         gens, _ = generate_all(base, prompts, base_tok.stop_ids, args.general_max_new_tokens, args.batch_size,
-                               "  base")
+                               "  base", ranks)
         drift_seqs = [(p + g.tokens, len(p)) for p, g in zip(prompts, gens)]
 
     results = []
@@ -392,30 +405,35 @@ def run(args, argv) -> int:
         if base is not None and (tok.vocab_size, model.config.vocab_size) != (base_tok.vocab_size,
                                                                              base.config.vocab_size):
             raise UserError(f"{name}: KL from --base {args.base} needs the same tokenizer and vocabulary")
-        summary, rows = evaluate_model(model, tok, examples, args)
+        summary, rows = evaluate_model(model, tok, examples, args, ranks)
         if args.ddt:
             skip_ids = () if args.end_of_turn else (tok.eos_id,)
             print(f"  φ of the references: {'with' if args.end_of_turn else 'without'} the end-of-turn token",
                   file=sys.stderr)
-            phi_rows = score_examples(model, [encode_example(tok, ex) for ex in examples], tok.pad_id, args.batch_size,
-                                      progress=True, skip_ids=skip_ids)
+            seqs = [encode_example(tok, ex) for ex in shard(examples, ranks, args.batch_size)]
+            phi_rows = gather_in_order(score_examples(model, seqs, tok.pad_id, args.batch_size, progress=True,
+                                                      skip_ids=skip_ids), ranks, args.batch_size)
             for row, phi in zip(rows, phi_rows):
                 row["ref_phi"] = phi
             summary["phi"] = phi_summary(phi_rows)
         if base is not None:
-            sums, counts = kl_from_base(base, model, drift_seqs, base_tok.pad_id, args.batch_size)
+            sums, counts = (gather_in_order(part, ranks, args.batch_size) for part in kl_from_base(
+                base, model, shard(drift_seqs, ranks, args.batch_size), base_tok.pad_id, args.batch_size))
             summary["kl_from_base"] = {"kl_token_mean": sum(sums) / sum(counts),
                                        "kl_prompt_max": max(s / c for s, c in zip(sums, counts)),
                                        "n_tokens": sum(counts), "n_prompts": len(counts)}
         label = slug(name) if [slug(m) for m in args.model].count(slug(name)) == 1 else f"{i}-{slug(name)}"
         outputs = out.with_name(f"{out.stem}.{label}.jsonl")
-        atomic_write(outputs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if ranks.main:
+            atomic_write(outputs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         results.append({"name": name, "path": str(path), "outputs": str(outputs), **summary})
         tps = fmt(summary["tokens_per_s"], ".1f")
         print(f"  accuracy {summary['accuracy']:.3f} ({summary['correct']}/{summary['n']}), "
               f"95% CI [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}], {tps} tokens/s", file=sys.stderr)
         del model  # free it before the next one loads (the base stays referenced by `base`)
 
+    if not ranks.main:  # rank 0 writes the results
+        return 0
     table = markdown_table(results)
     print(table, end="")
     record = {

@@ -46,17 +46,30 @@ The pipeline (`python hinted_decode.py --data FILE.jsonl --out OUT.jsonl`):
 "Verify" = the response ended with EOS and data.answers_match(data.extract_answer(response),
 gold), the one answer check eval.py uses too. Kept records go to OUT.jsonl, a valid --data
 file for train.py; failed ones to OUT.failed.jsonl. Records are appended and flushed one by
-one; a rerun skips the example ids already in either file, cuts off a torn last line left by
-a crash, and refuses files whose records are not examples of --data. The decoding settings
-(β, mode, --max-new-tokens, sampling, model, ...) are stored in OUT.settings.json before the first
+one; a rerun skips the example ids already recorded, cuts off a torn last line left by a
+crash, and refuses files whose records are not examples of --data. The decoding settings (β,
+mode, --max-new-tokens, sampling, model, ...) are stored in OUT.settings.json before the first
 record, and an --out is only extended with the same ones. One run at a time per --out (an
-advisory lock, data.OutputLock).
+advisory lock, data.OutputLock). At the end both files are rewritten in --data order
+(`merge_outputs`). Sampling draws each example's tokens from its own generator, seeded from
+--seed and the example's id (data.example_seed).
+
+Data parallel (`torchrun --nproc_per_node N hinted_decode.py --data ... --out ...`): rank r
+takes batches r, r + N, ... of --data (data.shard), decodes them on cuda:LOCAL_RANK (or the
+CPU) and appends to its own OUT.part-r-of-N.jsonl; once all ranks are done, rank 0 merges
+every file of --out into OUT.jsonl and OUT.failed.jsonl in --data order and removes the parts.
+The final files are the same, record for record, as a one-process run's. A resume with any
+number of processes skips every example recorded in any file of --out (final or part, of any
+earlier number of processes) and shares out the rest by the same rule. --out must be on a
+file system every node sees. Only rank 0 prints (its own progress bar: its share).
 `python hinted_decode.py` alone runs a demo on the bundled model.
 """
 
 import argparse
+import glob
 import json
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -66,11 +79,12 @@ import torch
 
 import model as decoding  # the stop rule and the compaction threshold live with `generate`
 from data import (ArgumentParser, Example, UserError, answers_match, append_record, atomic_write, changed_settings,
-                  check_input, check_output, drop_torn_tail, encode_example, extract_answer, find_answer, fraction,
-                  load_examples, lock_output, nonnegative_float, nonnegative_int, positive_int, probability, read_log)
+                  check_input, check_output, drop_torn_tail, encode_example, example_seed, extract_answer, find_answer,
+                  fraction, load_examples, lock_output, nonnegative_float, nonnegative_int, positive_int, print_shares,
+                  probability, rank_device, read_log, shard, start_ranks)
 from ddt import entropy, log_probs, score_examples
 from model import (CheckpointError, KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad,
-                   sample_next)
+                   row_generators, sample_next)
 
 MODES = ("linear", "sigmoid", "piecewise")
 PREFILL_ROWS = 16  # prompt rows run through the model at once: bounds the prefill's activations
@@ -169,7 +183,8 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     string (or None) per example; it needs `tokenizer` (anything with decode(ids) -> str) to
     read the text. |V| for h is tokenizer.vocab_size, or the model's vocabulary without one.
     repetition_stop=False decodes on through repeated windows (benchmarks with fixed lengths).
-    compile: compile the decode step (default: on CUDA only).
+    seed: None, an int, or one seed per example (model.row_generators: each example samples
+    from its own generator). compile: compile the decode step (default: on CUDA only).
 
     Returns (tokens, finish): tokens[b] are the new ids, up to and including the stop id when
     one is produced; finish[b] is "eos", "length" or "repetition" (model.finish_reason).
@@ -191,7 +206,7 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     forward = decode_step(compile)
     stop_ids = frozenset(stop_ids)
     log_vocab = math.log(tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size)
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    generators = row_generators(seed, B, device)
 
     # Rows 0..B−1 are the hint streams, rows B..2B−1 the plain streams, in one left-padded batch.
     tokens, pad = left_pad(list(hint_prompts) + list(plain_prompts), 0, device)
@@ -214,7 +229,7 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
         lam = torch.where(torch.tensor([switched[b] for b in active], device=device), 1.0, lam)
         if step == 0 and first_from_hint:
             lam = torch.zeros_like(lam)  # the first token comes from the hint stream alone
-        nxt = sample_next(log_mixture(log_p, log_q, lam), temperature, top_p, generator)
+        nxt = sample_next(log_mixture(log_p, log_q, lam), temperature, top_p, generators)
         for b, t in zip(active, nxt.tolist()):
             if finish[b] is not None:  # a finished row that is still in the batch: ignore it
                 continue
@@ -231,6 +246,7 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
             idx = torch.tensor(keep, device=device)
             cache = cache.select(torch.cat([idx, idx + n]), compile)
             nxt, active = nxt[idx], [active[i] for i in keep]
+            generators = generators and [generators[i] for i in keep]
         slot = torch.tensor([width + step], device=device)
         logits = forward(model, torch.cat([nxt, nxt])[:, None], slot, cache).float()
     return out, finish
@@ -348,10 +364,53 @@ def check_resume(examples: list[Example], files: dict) -> dict[str, dict]:
             if ex is None or rec["prompt"] != ex.prompt:
                 raise UserError(f"{where}: record {rec['id']!r} is not an example of --data {examples[0].source} "
                                 f"(was this output written from another file?); choose another --out")
-            if ex.id in done:
+            if ex.id in done and done[ex.id] != rec:  # an identical copy: a merge was interrupted
                 raise UserError(f"{where}: example {ex.id!r} is recorded twice; choose another --out")
             done[ex.id] = rec
     return done
+
+
+def part_path(out: Path, ranks) -> Path:
+    """Where rank r of a W-process run appends its records, kept and failed: OUT.part-r-of-W.jsonl."""
+    return out.with_name(f"{out.stem}.part-{ranks.rank}-of-{ranks.world}{out.suffix or '.jsonl'}")
+
+
+def output_files(out: Path) -> list[Path]:
+    """Every file of --out that may hold records: OUT.jsonl, OUT.failed.jsonl and the part files
+    of unfinished multi-process runs, of any number of processes."""
+    part = re.compile(rf"{re.escape(out.stem)}\.part-\d+-of-\d+{re.escape(out.suffix or '.jsonl')}")
+    parts = sorted(p for p in out.parent.glob(glob.escape(out.stem) + ".part-*") if part.fullmatch(p.name))
+    return [out, failed_path(out), *parts]
+
+
+def append_paths(out: Path, ranks) -> tuple[Path, Path]:
+    """The files this process appends its kept and failed records to: OUT.jsonl and
+    OUT.failed.jsonl in a one-process run; its own part file under torchrun."""
+    if ranks.world == 1:
+        return out, failed_path(out)
+    return part_path(out, ranks), part_path(out, ranks)
+
+
+def merge_outputs(examples: list[Example], out: Path) -> list[dict]:
+    """Once every process has finished: all records of all files of --out, one per example in
+    --data order, rewritten into OUT.jsonl and OUT.failed.jsonl, the part files removed. So the
+    final files do not depend on the number of processes, on batches or on interruptions."""
+    files = output_files(out)
+    order = {ex.id: i for i, ex in enumerate(examples)}
+    done = check_resume(examples, {path: read_log(path, "hinted_decode.py") for path in files})
+    records = sorted(done.values(), key=lambda r: order[str(r["id"])])
+
+    def write(tmp, kept: bool):
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for r in records:
+                if (r["source"] != "failed") == kept:
+                    append_record(f, r)
+
+    atomic_write(out, lambda tmp: write(tmp, kept=True))
+    atomic_write(failed_path(out), lambda tmp: write(tmp, kept=False))
+    for part in files[2:]:
+        part.unlink()
+    return records
 
 
 # ---- The pipeline ------------------------------------------------------------------------------
@@ -370,12 +429,17 @@ def make_record(model, tokenizer, ex: Example, text: str | None, source: str, fi
     }
 
 
-def rewrite_batch(model, tokenizer, batch: list[Example], args, seed, write):
+def seeds(args, examples: list[Example], stage: str) -> list[int] | None:
+    """One sampling seed per example (data.example_seed): its tokens do not depend on its batch or rank."""
+    return None if args.seed is None else [example_seed(args.seed, ex.id, stage) for ex in examples]
+
+
+def rewrite_batch(model, tokenizer, batch: list[Example], args, write):
     """Steps 1-4 of the pipeline for one batch; `write(record)` appends a record."""
     stops = tokenizer.stop_ids
     plain = [tokenizer.encode_chat(ex.prompt, add_generation_prompt=True) for ex in batch]
     own, own_finish = generate(model, plain, args.max_new_tokens, stop_ids=stops, temperature=args.temperature,
-                               top_p=args.top_p, seed=seed)
+                               top_p=args.top_p, seed=seeds(args, batch, "own"))
     ref_phi = {ex.id: phi_stats(model, tokenizer, ex.prompt, ex.response) for ex in batch}
     todo = []
     for ex, ids, finish, prompt in zip(batch, own, own_finish, plain):
@@ -406,7 +470,8 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, seed, write):
     new, finishes = hinted_generate(
         model, hints, [p for _, p in todo], beta=args.beta, mode=args.mode, max_new_tokens=args.max_new_tokens,
         stop_ids=stops, temperature=args.temperature, top_p=args.top_p, splitter=splitters, tokenizer=tokenizer,
-        seed=seed, sigmoid_center=args.sigmoid_center, piecewise_bounds=tuple(args.piecewise_bounds))
+        seed=seeds(args, [ex for ex, _ in todo], "hinted"), sigmoid_center=args.sigmoid_center,
+        piecewise_bounds=tuple(args.piecewise_bounds))
     for (ex, _), ids, finish in zip(todo, new, finishes):
         text = tokenizer.decode(strip_stop(ids, stops))
         source = "hinted" if accept(text, finish, ex.answer) else "failed"
@@ -440,22 +505,26 @@ def run_pipeline(args) -> int:
     out, failed = Path(args.out), failed_path(Path(args.out))
     if Path(args.data).resolve() in (out.resolve(), failed.resolve()):
         raise UserError(f"--out {out}: would write into --data itself; choose another --out")
-    files = {path: read_log(path, "hinted_decode.py") for path in (out, failed)}
+    ranks = start_ranks()  # under torchrun: this process's share of the examples (`shard`)
+    files = {path: read_log(path, "hinted_decode.py") for path in output_files(out)}
     done = check_resume(examples, files)
     check_settings(out, args, has_records=bool(done))
-    todo = [ex for ex in examples if ex.id not in done]
-    print(f"{len(examples)} examples, {len(done)} already in {out}, {len(todo)} to do", file=sys.stderr)
-    if todo:
-        tokenizer = Tokenizer.from_pretrained(args.model)
-        model = Transformer.from_pretrained(args.model, device=args.device)
-        for path, (_, end) in files.items():
-            drop_torn_tail(path, end)  # its example is simply done again
+    todo = [ex for ex in shard(examples, ranks, args.batch_size) if ex.id not in done]
+    print(f"{len(examples)} examples, {len(done)} already in {out}, {len(examples) - len(done)} to do", file=sys.stderr)
+    if ranks.main and len(done) < len(examples):  # before the first record of any rank
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(settings_path(out), json.dumps({"settings": decoding_settings(args)}, indent=1) + "\n")
-        records = list(done.values())
+    records, start = [], time.perf_counter()
+    if todo:
+        tokenizer = Tokenizer.from_pretrained(args.model)
+        model = Transformer.from_pretrained(args.model, device=rank_device(args.device))
+        kept_log, failed_log = append_paths(out, ranks)
+        for path in {kept_log, failed_log} & files.keys():
+            drop_torn_tail(path, files[path][1])  # its example is simply done again
+        out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        with open(out, "a", encoding="utf-8", newline="\n") as f_out, \
-                open(failed, "a", encoding="utf-8", newline="\n") as f_failed, \
+        with open(kept_log, "a", encoding="utf-8", newline="\n") as f_out, \
+                open(failed_log, "a", encoding="utf-8", newline="\n") as f_failed, \
                 tqdm(total=len(todo), unit="ex", disable=args.quiet) as bar:
 
             def write(record):
@@ -465,15 +534,15 @@ def run_pipeline(args) -> int:
 
             try:
                 for i in range(0, len(todo), args.batch_size):
-                    seed = None if args.seed is None else args.seed + i
-                    rewrite_batch(model, tokenizer, todo[i:i + args.batch_size], args, seed, write)
+                    rewrite_batch(model, tokenizer, todo[i:i + args.batch_size], args, write)
             except KeyboardInterrupt:
-                print(f"\ninterrupted: {len(records) - len(done)} new records kept in {out} and {failed}; "
+                print(f"\ninterrupted: {len(records)} new records kept in {kept_log} and {failed_log}; "
                       "rerun the same command to continue", file=sys.stderr)
                 return 130
-        summarize(records, time.perf_counter() - start, len(records) - len(done))
-    else:
-        summarize(list(done.values()), 0.0, 0)
+    n_new = print_shares(len(records), ranks)  # also waits until every rank has written all its records
+    if not ranks.main:
+        return 0
+    summarize(merge_outputs(examples, out), time.perf_counter() - start, n_new)
     print(f"wrote {out} (training data) and {failed}")
     return 0
 
@@ -541,7 +610,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=nonnegative_float, default=0.0,
                     help="0 = greedy (default); the authors' demo uses --top-p 0.95 --temperature 0.3")
     ap.add_argument("--top-p", type=probability, default=1.0, help="nucleus, applied before the temperature")
-    ap.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (the batch that starts at the i-th example still to do uses seed + i)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0,
+                    help="sampling seed; each example samples with its own seed, from --seed and its id")
     ap.add_argument("--splitter", default="auto",
                     help="text after which the plain stream decodes alone; 'auto' (default): '####' or "
                          "'\\boxed{' from the reference's answer format; 'none': never switch")

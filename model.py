@@ -418,10 +418,11 @@ def checkpoint_files(path: Path) -> list[Path]:
 # ---- Decoding ---------------------------------------------------------------------------------
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generators=None) -> torch.Tensor:
     """Next token per row from logits [B, |V|]: argmax at temperature 0; otherwise the nucleus
     (smallest set with probability ≥ top_p, chosen on the untempered distribution), then
-    temperature inside it — the order the authors' hinted-decoding demo uses."""
+    temperature inside it — the order the authors' hinted-decoding demo uses. generators: one
+    torch.Generator per row (`row_generators`), or None for torch's global generator."""
     if temperature == 0.0:
         return logits.argmax(-1)
     logits = logits.float()
@@ -430,7 +431,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reached top_p
         logits = logits.scatter(-1, order, torch.where(outside, -math.inf, logits.gather(-1, order)))
     probs = (logits / temperature).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    # each row draws from its own generator, so its sample does not depend on the rows beside it
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+
+
+def row_generators(seed, n_rows: int, device) -> list[torch.Generator] | None:
+    """One random generator per row: seed None -> None (torch's global generator); an int s ->
+    rows seeded s, s + 1, ...; a list -> its seeds, one per row. With a seed per example
+    (data.example_seed) an example samples the same tokens whatever batch or rank it lands in."""
+    if seed is None:
+        return None
+    seeds = [seed + b for b in range(n_rows)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != n_rows:
+        raise ValueError(f"got {len(seeds)} seeds for {n_rows} rows")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,27 +495,30 @@ _compiled_last_logits = None
 
 def decode_step(compiled: bool):
     """The one-token forward of the decoding loops. Compiled, it is captured once per process
-    (on CUDA with CUDA graphs: static shapes, so a new batch size after a compaction is captured
-    once more); the cache must then stay where it is (KVCache.mark_static)."""
+    in mode "reduce-overhead": on CUDA that records CUDA graphs (static shapes, so a new batch
+    size after a compaction is captured once more, and the cache must stay where it is:
+    KVCache.mark_static); on CPU inductor compiles the same graph without them, which is how
+    the tests check the compiled path against eager."""
     global _compiled_last_logits
     if not compiled:
         return last_logits
     if _compiled_last_logits is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else None
-        _compiled_last_logits = torch.compile(last_logits, mode=mode, fullgraph=True)
+        _compiled_last_logits = torch.compile(last_logits, mode="reduce-overhead", fullgraph=True)
     return _compiled_last_logits
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
-             temperature: float = 0.0, top_p: float = 1.0, seed=None, repetition_stop: bool = True,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | list[int] | None = None,
+             repetition_stop: bool = True,
              compile: bool | None = None) -> tuple[list[list[int]], list[str]]:
     """Batched decoding with the static KV cache.
 
     Returns (tokens, finish): each row's new tokens, up to and including the stop id when one
     is produced, and why it stopped ("eos", "length" or "repetition": `finish_reason`). Rows
     that finish leave the batch (once COMPACT_FRACTION of it has), so a looping row costs no
-    compute past its stop. compile: compile the decode step (default: on CUDA only).
+    compute past its stop. seed: None, an int, or one seed per prompt (`row_generators`).
+    compile: compile the decode step (default: on CUDA only).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -512,12 +531,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     cache = model.new_cache(pad, width + max_new_tokens)
     if compile:
         cache.mark_static()
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    generators = row_generators(seed, len(prompts), device)
     logits = last_logits(model, tokens, torch.arange(width, device=device), cache)
     out, finish = [[] for _ in prompts], [None] * len(prompts)
     active = list(range(len(prompts)))  # the prompt behind each row still in the batch
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = sample_next(logits, temperature, top_p, generators)
         for b, t in zip(active, nxt.tolist()):
             if finish[b] is None:  # a finished row still in the batch: ignore it
                 out[b].append(t)
@@ -528,6 +547,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if len(active) - len(keep) >= COMPACT_FRACTION * len(active):
             idx = torch.tensor(keep, device=device)
             cache, nxt, active = cache.select(idx, compile), nxt[idx], [active[i] for i in keep]
+            generators = generators and [generators[i] for i in keep]
         logits = forward(model, nxt[:, None], torch.tensor([width + step], device=device), cache)
     return out, finish
 

@@ -1,7 +1,7 @@
 """Regenerate BENCHMARKS.md from every bench/results/*.json: `python bench/report.py`.
 
 One section per workload (training step, greedy decoding, length scaling, hinted decoding,
-memory-lean loss), one table per result file: ours, the peer, the ratio, the machine and the
+memory-lean loss, the data-parallel pipeline), one table per result file: ours, the peer, the ratio, the machine and the
 command that reproduces it. On top, the goals of the benchmark issue with met / not met and
 the measured value. Goals are judged on full runs only (the bundled model; `--quick` runs on
 a tiny random model are listed but never count). Every number comes from a result file.
@@ -293,6 +293,29 @@ def loss_memory_section(results) -> list[str]:
     return out
 
 
+def data_parallel_section(results) -> list[str]:
+    out = ["## Hinted-decoding pipeline under torchrun (data parallel)", "",
+           ("`hinted_decode.py --data ...` as one process, and as `torchrun --nproc_per_node 2` (each rank decodes "
+            "every other batch of the examples, rank 0 merges the part files in input order). The whole command is "
+            "timed (start-up and model loading included: `wall`) and the pipeline's own clock after loading "
+            "(`pipeline`). `bench/data_parallel.py`."), ""]
+    for label, run, _ in runs(results, "data_parallel"):
+        s, res, sp = run["settings"], run["results"], run["speedup_over_one_process"]
+        rows = [[name, f"{r['wall_seconds']:.1f}", f"{r['examples_per_s_wall']:.3f}", f"{r['pipeline_seconds']:.1f}",
+                 f"{r['examples_per_s_pipeline']:.3f}", " + ".join(map(str, r["examples_per_process"])),
+                 f"**{x(sp[name]['pipeline'])}**"] for name, r in res.items()]
+        out += [f"### {label}: {s['model']}, {s['problems']} problems, {s['max_new_tokens']} new tokens, "
+                f"batch {s['batch_size']}", "",
+                table(["run", "wall s", "examples/s (wall)", "pipeline s", "examples/s (pipeline)",
+                       "examples per process", "speed-up (pipeline)"], rows), "",
+                (f"Final files of the 1- and 2-process runs identical byte for byte: "
+                 f"{'yes' if run['files_identical_1_vs_2_processes'] else 'no'}. The machine has "
+                 f"{run['machine'].get('cpu_count', '?')} cores, shared with other work: two processes can at best "
+                 f"double the rate; load average (1 / 5 / 15 min) after the runs: "
+                 f"{' / '.join(f'{v:.1f}' for v in run['loadavg_end'])}.  "), provenance(run), ""]
+    return out
+
+
 def render(results: dict) -> str:
     gpu_results = [stem for stem, data in results.items() if is_gpu(data)]
     lines = ["# Benchmarks", "",
@@ -308,7 +331,8 @@ def render(results: dict) -> str:
                   "so every GPU goal is **not measured**. On a CUDA machine the same commands use bfloat16, "
                   "compile our training step, and add transformers' static-cache + compile decoding; those code "
                   "paths have not been run."), ""]
-    for section in (train_section, decode_section, scaling_section, hinted_section, loss_memory_section):
+    for section in (train_section, decode_section, scaling_section, hinted_section, loss_memory_section,
+                    data_parallel_section):
         lines += section(results)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -317,10 +341,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=RESULTS_DIR, help="directory of the result JSON files")
     ap.add_argument("--out", type=Path, default=OUT, help="Markdown file to write")
+    ap.add_argument("--print-goals", choices=("cpu", "gpu"), help="also print one verdict line per goal of that device")
     args = ap.parse_args(argv)
     results = load_results(args.results)
     atomic_write(args.out, render(results))
     print(f"wrote {args.out}")
+    if args.print_goals:
+        for goal, device, measured, status in goals(results):
+            if device.lower().startswith(args.print_goals):
+                print(f"goal: {goal} [{device}]: {status.replace('**', '')}, measured {measured}")
     if args.out == OUT:  # the README quotes the goals table
         replace_marked_block(ROOT / "README.md", "bench:goals", table(["goal", "device", "measured", "status"],
                                                                        goals(results)))

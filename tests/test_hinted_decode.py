@@ -247,6 +247,35 @@ def test_sampling_is_seeded(model):
     assert a != hinted_generate(model, HINTS, PLAINS, seed=4, **knobs)
 
 
+def test_sampling_seed_is_per_example_not_per_batch(model):
+    """An example's seed decides its sample, whatever batch it is decoded in (so data-parallel
+    ranks and resumed runs draw what one uninterrupted process draws)."""
+    knobs = dict(beta=1.2, max_new_tokens=12, temperature=1.0, top_p=0.9)
+    seeds = [5, 6, 7, 8]
+    together, _ = hinted_generate(model, HINTS, PLAINS, seed=seeds, **knobs)
+    alone = [hinted_generate(model, [h], [p], seed=[s], **knobs)[0][0] for h, p, s in zip(HINTS, PLAINS, seeds)]
+    assert together == alone
+    pair, _ = hinted_generate(model, HINTS[2:], PLAINS[2:], seed=seeds[2:], **knobs)
+    assert pair == together[2:]
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])])
+def test_compiled_hinted_generate_equals_eager(device):
+    """The compiled decode step (CUDA graphs on CUDA, inductor on CPU) decodes the eager tokens,
+    also while examples finish at different steps and their row pairs leave the batch."""
+    model = tiny_model().to(device)
+    hints, plains = HINTS * 2, PLAINS[::-1] * 2  # 8 examples
+    [free], _ = hinted_generate(model, hints[:1], plains[:1], beta=1.2, max_new_tokens=20)
+    knobs = dict(beta=1.2, max_new_tokens=20, stop_ids={free[2], free[9]})
+    eager = hinted_generate(model, hints, plains, compile=False, **knobs)
+    lengths = {len(out) for out, reason in zip(*eager) if reason == "eos"}
+    assert len(lengths) >= 2 and "length" in eager[1]  # examples left at several steps, some went on
+    assert hinted_generate(model, hints, plains, compile=True, **knobs) == eager
+
+
 # ---- Prompts ----------------------------------------------------------------------------------
 
 

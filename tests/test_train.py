@@ -283,3 +283,56 @@ def test_compiled_step_equals_eager(tiny_model_dir, tmp_path):
     for name in eager:
         off = (eager[name] - compiled[name]).abs() > 1e-6
         assert off.float().mean() < 1e-3, (name, int(off.sum()), off.numel())
+
+
+# ---- CUDA only (scripts/gpu_check.sh runs these) --------------------------------------------
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# bfloat16 keeps 8 significant bits: each product and partial sum is rounded by up to 2^-9 relative,
+# and a mean loss over a few hundred tokens of a tiny model lands within about 1% of float32
+BF16_LOSS_RTOL = 2e-2
+
+
+@pytest.mark.cuda
+@CUDA
+def test_compiled_bf16_step_equals_eager_on_cuda(tiny_model_dir, tmp_path):
+    """The CUDA default (torch.compile + bfloat16 autocast) trains as the eager bfloat16 step does."""
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)
+    args = dict(max_steps=2, grad_clip=0, lr=1e-4, dtype="bfloat16")
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "eager", **args) + ["--no-compile"]) == 0
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "compiled", **args) + ["--compile"]) == 0
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=BF16_LOSS_RTOL)
+    # Adam moves every weight by about ±lr per step: the two runs must move them the same way
+    start = load_file(tiny_model_dir / "model.safetensors")
+    eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    for name in eager:
+        before = start[name]
+        same = ((eager[name] - before).sign() == (compiled[name] - before).sign()).float().mean()
+        assert same > 0.9, (name, float(same))
+
+
+@pytest.mark.cuda
+@CUDA
+def test_bf16_loss_is_float32_loss_within_tolerance_on_cuda(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)
+    for dtype in ("float32", "bfloat16"):
+        assert train.main(base_args(tiny_model_dir, data, tmp_path / dtype, max_steps=1, dtype=dtype)) == 0
+    assert losses(tmp_path / "bfloat16")[0] == pytest.approx(losses(tmp_path / "float32")[0], rel=BF16_LOSS_RTOL)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_one_process_nccl_ddp_step_equals_plain_step_on_cuda(tiny_model_dir, tmp_path):
+    """torchrun with one process on CUDA: NCCL process group, DDP wrapper, same training."""
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)
+    common = dict(max_steps=2, dtype="float32")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(ROOT / "train.py"), *base_args(tiny_model_dir, data, tmp_path / "ddp", **common), "--no-compile"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "plain", **common) + ["--no-compile"]) == 0
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    plain, ddp = final_weights(tmp_path / "plain"), final_weights(tmp_path / "ddp")
+    for name in plain:
+        assert torch.allclose(plain[name], ddp[name], atol=1e-6, rtol=0), name
