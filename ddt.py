@@ -30,9 +30,9 @@ on-policy sequences is flagged by mistake, whatever their length.
 
 Which tokens are scored: the response and its end-of-turn token, exactly what training sees
 (data.encode_example). The authors' demo scores the response text only; the end-of-turn token
-is often improbable where the model would have gone on (φ ≈ −4 on their demo reference), and
-one such token moves a short response's average φ by several hundredths, across their
-−0.05 / −0.1 rule of thumb. `score_examples(..., score_end_of_turn=False)` (`ddt.py
+is often improbable where the model would have gone on (φ ≈ −4 on gsm_symbolic references for
+the bundled model, scripts/departures.py), and one such token moves a short response's average
+φ by several hundredths, across their −0.05 / −0.1 rule of thumb. `score_examples(..., score_end_of_turn=False)` (`ddt.py
 --no-end-of-turn`) scores without it, to compare with their thresholds.
 
 Precision: every sum over the vocabulary is a float32 `sum` over rows (`row_dot`), and log p
