@@ -332,6 +332,16 @@ def start_ranks() -> Ranks:
     return ranks
 
 
+def print_error(error: Exception) -> int:
+    """`error: ...` for a user's mistake, and the exit code 2. Under torchrun, ranks other than 0
+    have a silenced stderr (start_ranks), yet a bad example may show on theirs only: they write
+    to the real stderr, naming themselves."""
+    rank = int(os.environ.get("RANK", 0))
+    stream, prefix = (sys.stderr, "") if rank == 0 else (sys.__stderr__, f"[rank {rank}] ")
+    print(f"{prefix}error: {error}", file=stream)
+    return 2
+
+
 def rank_device(device: str) -> str:
     """`device` for this rank: a bare "cuda" under torchrun becomes this node's cuda:LOCAL_RANK."""
     if device == "cuda" and "LOCAL_RANK" in os.environ:

@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     import argparse
     from pathlib import Path
 
-    from data import ArgumentParser, UserError, check_input, check_output, lock_output, positive_int
+    from data import ArgumentParser, UserError, check_input, check_output, lock_output, positive_int, print_error
     from hub import BUNDLED_NAME
     from model import CheckpointError
 
@@ -376,8 +376,7 @@ def main(argv=None) -> int:
         with lock_output(out):  # under torchrun, rank 0's lock covers the run
             return score_file(args, out)
     except (UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing written", file=sys.stderr)
         return 130

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from data import (ArgumentParser, Ranks, UserError, answers_match, atomic_write, check_input, check_output,
                   encode_example, every_rank, find_answer, gather_in_order, load_examples, lock_output, positive_int,
-                  print_shares, rank_device, shard, start_ranks)
+                  print_error, print_shares, rank_device, shard, start_ranks)
 from ddt import STATS_CHUNK, float32_logits, log_probs, response_hidden, row_dot, score_examples, spread
 from hub import resolve_model_dir
 from model import CheckpointError, Transformer, generate
@@ -369,8 +369,7 @@ def main(argv=None) -> int:
         with lock_output(args.out):
             return run(args, argv if argv is not None else sys.argv[1:])
     except (UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     except KeyboardInterrupt:
         print("\ninterrupted: results not written (outputs of the models already evaluated are kept)",
               file=sys.stderr)

@@ -80,8 +80,8 @@ import torch
 import model as decoding  # the stop rule and the compaction threshold live with `generate`
 from data import (ArgumentParser, Example, UserError, answers_match, append_record, atomic_write, changed_settings,
                   check_input, check_output, drop_torn_tail, encode_example, example_seed, extract_answer, find_answer,
-                  fraction, load_examples, lock_output, nonnegative_float, nonnegative_int, positive_int, print_shares,
-                  probability, rank_device, read_log, shard, start_ranks)
+                  fraction, load_examples, lock_output, nonnegative_float, nonnegative_int, positive_int, print_error,
+                  print_shares, probability, rank_device, read_log, shard, start_ranks)
 from ddt import entropy, log_probs, score_examples
 from model import (CheckpointError, KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad,
                    row_generators, sample_next)
@@ -343,7 +343,9 @@ def check_settings(out: Path, args, has_records: bool):
     try:
         saved = json.loads(path.read_text())["settings"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path}: not written by hinted_decode.py (no 'settings'); choose another --out") from None
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: not written by hinted_decode.py (no 'settings'); choose another --out")
     changed = changed_settings(saved, decoding_settings(args))
     if changed:
         raise UserError(f"--out {out} was made with other settings: {'; '.join(changed)}; rerun with those or "
@@ -361,9 +363,10 @@ def check_resume(examples: list[Example], files: dict) -> dict[str, dict]:
             if "id" not in rec or "prompt" not in rec:
                 raise UserError(f"{where}: not a hinted_decode.py record (no 'id' or 'prompt' field)")
             ex = by_id.get(str(rec["id"]))
-            if ex is None or rec["prompt"] != ex.prompt:
-                raise UserError(f"{where}: record {rec['id']!r} is not an example of --data {examples[0].source} "
-                                f"(was this output written from another file?); choose another --out")
+            if ex is None or (rec["prompt"], rec.get("reference"), rec.get("final_answer")) != (
+                    ex.prompt, ex.response, ex.answer):
+                raise UserError(f"{where}: record {rec['id']!r} is not an example of --data {examples[0].source} as it "
+                                f"is now (written from another file, or an edited one?); choose another --out")
             if ex.id in done and done[ex.id] != rec:  # an identical copy: a merge was interrupted
                 raise UserError(f"{where}: example {ex.id!r} is recorded twice; choose another --out")
             done[ex.id] = rec
@@ -495,7 +498,8 @@ def run_pipeline(args) -> int:
 
     from tokenizer import Tokenizer
 
-    examples = load_examples(args.data)[:args.limit]
+    every_example = load_examples(args.data)  # records of an earlier run without --limit are still its examples
+    examples = every_example[:args.limit]
     for ex in examples:
         if ex.answer is None:
             raise UserError(f"{ex.source}:{ex.line}: no reference final answer (write '#### N' or \\boxed{{...}} "
@@ -507,11 +511,12 @@ def run_pipeline(args) -> int:
         raise UserError(f"--out {out}: would write into --data itself; choose another --out")
     ranks = start_ranks()  # under torchrun: this process's share of the examples (`shard`)
     files = {path: read_log(path, "hinted_decode.py") for path in output_files(out)}
-    done = check_resume(examples, files)
+    done = check_resume(every_example, files)
     check_settings(out, args, has_records=bool(done))
     todo = [ex for ex in shard(examples, ranks, args.batch_size) if ex.id not in done]
-    print(f"{len(examples)} examples, {len(done)} already in {out}, {len(examples) - len(done)} to do", file=sys.stderr)
-    if ranks.main and len(done) < len(examples):  # before the first record of any rank
+    n_done = sum(ex.id in done for ex in examples)
+    print(f"{len(examples)} examples, {n_done} already in {out}, {len(examples) - n_done} to do", file=sys.stderr)
+    if ranks.main and n_done < len(examples):  # before the first record of any rank
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(settings_path(out), json.dumps({"settings": decoding_settings(args)}, indent=1) + "\n")
     records, start = [], time.perf_counter()
@@ -542,7 +547,7 @@ def run_pipeline(args) -> int:
     n_new = print_shares(len(records), ranks)  # also waits until every rank has written all its records
     if not ranks.main:
         return 0
-    summarize(merge_outputs(examples, out), time.perf_counter() - start, n_new)
+    summarize(merge_outputs(every_example, out), time.perf_counter() - start, n_new)
     print(f"wrote {out} (training data) and {failed}")
     return 0
 
@@ -640,6 +645,10 @@ def check_args(args):
     if args.data is not None:
         check_input(args.data, "--data")
         check_output(args.out, "--out")
+        # the side files (NAME.failed.jsonl, NAME.settings.json, the parts) hang off NAME: with one
+        # fixed ending, two spellings of one output ("a", "a.jsonl") cannot take two locks
+        if not args.out.endswith(".jsonl"):
+            raise UserError(f"--out {args.out}: name the output NAME.jsonl")
 
 
 def main(argv=None) -> int:
@@ -651,8 +660,7 @@ def main(argv=None) -> int:
         with lock_output(args.out):
             return run_pipeline(args)
     except (UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     except KeyboardInterrupt:  # while loading (once decoding, run_pipeline reports what it kept)
         print("\ninterrupted: nothing written", file=sys.stderr)
         return 130

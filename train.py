@@ -145,18 +145,18 @@ def build_optimizer(model: nn.Module, args, fused: bool) -> torch.optim.AdamW:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint `latest` points at; if that one is gone (deleted by hand, say), the newest
-    complete one (trainer_state.pt is written last, so a checkpoint holding it is complete)."""
+    """The checkpoint `latest` points at; if that one is gone (deleted by hand, say), or the
+    pointer is (a kill between renaming a checkpoint into place and writing the pointer), the
+    newest complete one: checkpoints are renamed into place whole, so each step-N is complete."""
     pointer = out / "latest"
-    if not pointer.is_file():
-        return None
-    named = out / pointer.read_text().strip()
-    if (named / "trainer_state.pt").is_file():
+    named = out / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and (named / "trainer_state.pt").is_file():
         return named
     complete = [d for d in sorted((out / "checkpoints").glob("step-*")) if (d / "trainer_state.pt").is_file()]
     fallback = complete[-1] if complete else None
-    print(f"{pointer} points at {named}, which is missing or incomplete; using "
-          f"{fallback or 'no checkpoint (none is complete)'}", file=sys.stderr)
+    if named is not None or fallback is not None:
+        print(f"{pointer} {'points at ' + str(named) + ', which is missing or incomplete' if named else 'is missing'}; "
+              f"using {fallback or 'no checkpoint (none is complete)'}", file=sys.stderr)
     return fallback
 
 
@@ -323,10 +323,15 @@ def check_same_run(out: Path, args):
     if not path.is_file():
         return  # a run from before args.json held its settings: nothing to compare with
     try:
-        saved = json.loads(path.read_text())["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path}: not written by this train.py (no 'settings'); cannot check the resume") from None
-    changed = changed_settings(saved, run_settings(args))
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not JSON; cannot check the resume") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings", {}), dict):
+        raise UserError(f"{path}: not written by train.py; cannot check the resume")
+    if "settings" not in saved:  # written by a train.py from before the settings were recorded
+        print(f"{path}: an older run's flags, without its settings: the resume is not checked", file=sys.stderr)
+        return
+    changed = changed_settings(saved["settings"], run_settings(args))
     if changed:
         raise UserError(f"--resume would join two different trainings in {out}: {'; '.join(changed)} "
                         f"(only --{', --'.join(k.replace('_', '-') for k in RESUMABLE)} may change)")
@@ -334,7 +339,14 @@ def check_same_run(out: Path, args):
 
 def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dict:
     """Held-out response NLL (mean −log p over response tokens) and mean φ of the held-out data."""
+    from torch.distributed.fsdp import FSDPModule
+
     head = unwrap(loss_head)
+    # FSDP2 gathers the root's own parameters (embedding, final norm, output matrix) in its
+    # forward hook; this calls the model's parts directly, so gather them here
+    sharded = isinstance(head, FSDPModule)
+    if sharded:
+        head.unshard()
     total, count, phi_sum = 0.0, 0, 0.0
     with torch.no_grad(), autocast:
         for i in range(0, len(seqs), micro_batch_size):
@@ -343,6 +355,8 @@ def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dic
             loss_sum, n, (phi, _) = idft.chunked_loss("sft", hidden, head.model.output_weight, targets, mask,
                                                       return_stats=False, return_tokens=True)
             total, count, phi_sum = total + loss_sum.item(), count + n, phi_sum + phi.sum().item()
+    if sharded:
+        head.reshard()
     return {"eval_loss": total / max(count, 1), "eval_phi_mean": phi_sum / max(count, 1)}
 
 

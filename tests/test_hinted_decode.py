@@ -3,6 +3,7 @@ references, and the rewrite pipeline (records, resume, bad input) on a tiny rand
 
 import json
 import math
+import os
 import string
 import subprocess
 import sys
@@ -398,6 +399,37 @@ def test_out_written_from_another_data_file_is_refused(tmp_path, model_dir, caps
     data = tmp_path / "a.jsonl"
     assert main(["--data", str(data), "--out", str(data), "--model", str(model_dir)]) == 2
     assert "--data itself" in capsys.readouterr().err
+    assert main(["--data", str(data), "--out", str(tmp_path / "out"), "--model", str(model_dir)]) == 2
+    assert "name the output NAME.jsonl" in capsys.readouterr().err
+
+
+def test_out_made_before_the_data_was_edited_is_refused(tmp_path, model_dir, capsys):
+    """Same ids and questions, corrected solutions: the old records were verified against the old
+    gold answers, so they are not examples of the data as it is now."""
+    assert run(tmp_path, model_dir, write_data(tmp_path / "a.jsonl", QUESTIONS[:2])) == 0
+    before = all_records(tmp_path)
+    fixed = [QUESTIONS[0], ("q2", QUESTIONS[1][1], "6 * 2 = 12, twice.\n#### 12")]
+    assert run(tmp_path, model_dir, write_data(tmp_path / "a.jsonl", fixed)) == 2
+    assert "an edited one" in capsys.readouterr().err
+    assert all_records(tmp_path) == before
+
+
+def test_a_smaller_limit_on_resume_keeps_every_record(tmp_path, model_dir, capsys):
+    data = write_data(tmp_path / "d.jsonl")
+    assert run(tmp_path, model_dir, data, "--limit", "4") == 0
+    everything = all_records(tmp_path)
+    assert run(tmp_path, model_dir, data, "--limit", "2") == 0  # nothing to do, nothing lost
+    assert "2 examples, 2 already in" in capsys.readouterr().err
+    assert all_records(tmp_path) == everything and len(everything) == 4
+
+
+def test_the_error_of_a_rank_other_than_0_reaches_the_real_stderr(monkeypatch, capfd):
+    from data import print_error
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))  # what start_ranks does on rank 1
+    assert print_error(ValueError("d.jsonl:3: field 'x'")) == 2
+    assert "[rank 1] error: d.jsonl:3: field 'x'" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("line, message", [

@@ -293,6 +293,10 @@ def test_extending_hinted_output_with_other_settings_is_refused(tiny_model_dir, 
     capsys.readouterr()
     assert hinted_decode.main(hd_args(tiny_model_dir, data, out)) == 2
     assert "settings they were made with are unknown" in one_error_line(capsys.readouterr().err)
+    # a settings file of another program (an older reproduce.py wrote an argv list there)
+    (tmp_path / "o.settings.json").write_text(json.dumps({"settings": ["--scale", "cpu"]}))
+    assert hinted_decode.main(hd_args(tiny_model_dir, data, out)) == 2
+    assert "not written by hinted_decode.py" in one_error_line(capsys.readouterr().err)
 
 
 # ---- 5. torn metrics line; 6. eval loss drawn --------------------------------------------------
@@ -340,7 +344,8 @@ def test_ctrl_c_is_one_line_and_exit_130(cli, tiny_model_dir, tmp_path, monkeypa
     patch, call = {
         "train_before_step_1": ((train, "learning_rate"), lambda: train.main(train_args(tiny_model_dir, data, out))),
         "train_loading": ((train, "tokenize_dataset"), lambda: train.main(train_args(tiny_model_dir, data, out))),
-        "hd": ((hinted_decode, "rewrite_batch"), lambda: hinted_decode.main(hd_args(tiny_model_dir, data, out))),
+        "hd": ((hinted_decode, "rewrite_batch"),
+               lambda: hinted_decode.main(hd_args(tiny_model_dir, data, out.with_suffix(".jsonl")))),
         "eval": ((ev, "evaluate_model"),
                  lambda: ev.main(["--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)])),
         "ddt": ((ddt, "score_examples"),
@@ -374,3 +379,32 @@ def test_latest_pointing_at_a_deleted_checkpoint_falls_back(tiny_model_dir, tmp_
     assert "step-0000003, which is missing or incomplete; using" in err and "step-0000001" in err
     straight, resumed = weights(tmp_path / "straight"), weights(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_missing_latest_pointer_falls_back_to_the_newest_checkpoint(tiny_model_dir, tmp_path, capsys):
+    """A kill between renaming the first checkpoint into place and writing `latest`."""
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_model_dir, data, tmp_path / "straight", max_steps=3)) == 0
+    assert train.main(train_args(tiny_model_dir, data, out, max_steps=3, save_every=2)) == 0
+    (out / "latest").unlink()
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-0000003")  # the run got as far as step 2's checkpoint
+    assert train.main(train_args(tiny_model_dir, data, out, max_steps=3, save_every=2) + ["--resume"]) == 0
+    assert "latest is missing; using" in capsys.readouterr().err
+    straight, resumed = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_of_a_run_from_before_settings_were_recorded(tiny_model_dir, tmp_path, capsys):
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_model_dir, data, out, max_steps=2, save_every=1)) == 0
+    args_file = out / "args.json"
+    args_file.write_text(json.dumps(json.loads(args_file.read_text())["args"]))  # the older, flat args.json
+    assert train.main(train_args(tiny_model_dir, data, out, max_steps=3, save_every=1) + ["--resume"]) == 0
+    assert "the resume is not checked" in capsys.readouterr().err
+    args_file.write_text(json.dumps({"settings": ["--lr", "1"]}))  # not ours: refused in one line
+    assert train.main(train_args(tiny_model_dir, data, out, max_steps=4) + ["--resume"]) == 2
+    assert "not written by train.py" in capsys.readouterr().err

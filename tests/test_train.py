@@ -203,13 +203,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path,
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_two_processes_equal_one(sharding, tiny_model_dir, tmp_path):
     data = write_data(tmp_path / "d.jsonl", QUESTIONS)
-    common = base_args(tiny_model_dir, data, tmp_path / "ddp", max_steps=2, micro_batch_size=1) + sharding
+    held_out = write_data(tmp_path / "e.jsonl", QUESTIONS[:3])  # evaluation calls the model's parts directly
+    knobs = dict(max_steps=2, micro_batch_size=1, eval_data=held_out, eval_every=1)
+    common = base_args(tiny_model_dir, data, tmp_path / "ddp", **knobs) + sharding
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), *common]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert train.main(base_args(tiny_model_dir, data, tmp_path / "single", max_steps=2, micro_batch_size=1)) == 0
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "single", **knobs)) == 0
+    evals = [[r["eval_loss"] for r in train.read_metrics(tmp_path / d) if "eval_loss" in r] for d in ("single", "ddp")]
+    assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-5)
     one, two = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for name in one:
         assert torch.allclose(one[name], two[name], atol=2e-6, rtol=0), name
