@@ -39,7 +39,6 @@ file rank 0 writes equals a one-process run's, timing fields aside.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -55,8 +54,8 @@ import torch
 from tqdm import tqdm
 
 from data import (ArgumentParser, Ranks, UserError, answers_match, atomic_write, check_input, check_output,
-                  encode_example, every_rank, find_answer, gather_in_order, load_examples, lock_output, positive_int,
-                  print_error, print_shares, rank_device, shard, start_ranks)
+                  encode_example, every_rank, file_sha256, find_answer, gather_in_order, load_examples, lock_output,
+                  positive_int, print_error, print_shares, rank_device, shard, start_ranks)
 from ddt import STATS_CHUNK, float32_logits, log_probs, response_hidden, row_dot, score_examples, spread
 from hub import resolve_model_dir
 from model import CheckpointError, Transformer, generate
@@ -437,7 +436,7 @@ def run(args, argv) -> int:
     print(table, end="")
     record = {
         "command": "python eval.py " + shlex.join(argv), "versions": versions(),
-        "data": {"path": str(args.data), "sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
+        "data": {"path": str(args.data), "sha256": file_sha256(args.data),
                  "n_examples": len(examples), "limit": args.limit},
         "settings": {k: getattr(args, k) for k in ("max_new_tokens", "batch_size", "device", "dtype", "end_of_turn",
                                                      "general_max_new_tokens", "general_prompts")},

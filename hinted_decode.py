@@ -77,14 +77,13 @@ from pathlib import Path
 
 import torch
 
-import model as decoding  # the stop rule and the compaction threshold live with `generate`
 from data import (ArgumentParser, Example, UserError, answers_match, append_record, atomic_write, changed_settings,
                   check_input, check_output, drop_torn_tail, encode_example, example_seed, extract_answer, find_answer,
                   fraction, load_examples, lock_output, nonnegative_float, nonnegative_int, positive_int, print_error,
                   print_shares, probability, rank_device, read_log, shard, start_ranks)
 from ddt import entropy, log_probs, score_examples
 from model import (CheckpointError, KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad,
-                   row_generators, sample_next)
+                   row_generators, sample_next, worth_compacting)
 
 MODES = ("linear", "sigmoid", "piecewise")
 PREFILL_ROWS = 16  # prompt rows run through the model at once: bounds the prefill's activations
@@ -242,7 +241,7 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
         keep = [i for i, b in enumerate(active) if finish[b] is None]
         if not keep:
             break
-        if n - len(keep) >= decoding.COMPACT_FRACTION * n:
+        if worth_compacting(n, len(keep)):
             idx = torch.tensor(keep, device=device)
             cache = cache.select(torch.cat([idx, idx + n]), compile)
             nxt, active = nxt[idx], [active[i] for i in keep]

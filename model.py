@@ -485,6 +485,11 @@ def finish_reason(out: list[int], stop_ids, max_new_tokens: int, repetition_stop
     return None
 
 
+def worth_compacting(n_active: int, n_keep: int) -> bool:
+    """Drop finished rows from the batch (a copy of the cache) once COMPACT_FRACTION of it has finished."""
+    return n_active - n_keep >= COMPACT_FRACTION * n_active
+
+
 def last_logits(model: Transformer, tokens, slots, cache: KVCache) -> torch.Tensor:
     """Logits of each row's last position only (a prefill never needs [rows, T, |V|])."""
     return F.linear(model.hidden_states(tokens, slots, cache)[:, -1], model.output_weight)
@@ -544,7 +549,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         keep = [i for i, b in enumerate(active) if finish[b] is None]
         if not keep:
             break
-        if len(active) - len(keep) >= COMPACT_FRACTION * len(active):
+        if worth_compacting(len(active), len(keep)):
             idx = torch.tensor(keep, device=device)
             cache, nxt, active = cache.select(idx, compile), nxt[idx], [active[i] for i in keep]
             generators = generators and [generators[i] for i in keep]
