@@ -10,6 +10,11 @@ same verifier hinted_decode.py uses. For k correct out of n we report k/n with t
 interval
     (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n),   p̂ = k/n, z = 1.96,
 which, unlike p̂ ± z·sqrt(p̂(1−p̂)/n), stays inside [0, 1] and is not empty at k = 0 or k = n.
+Two models on the same questions are compared by the exact McNemar test: of the n_A questions
+only model A answers right and the n_B only B does, under "equally accurate" each of these
+n_A + n_B discordant questions is a fair coin, so p = min(1, 2·P[Bin(n_A + n_B, 1/2) ≤ min(n_A, n_B)]).
+Pairing removes the questions both get right or both get wrong, which an unpaired comparison of
+two intervals counts as noise.
 Each output stops at EOS, at --max-new-tokens ("length"), or by the repetition rule of
 SPEC §4 ("repetition": some 30-token window seen 5 times, checked every 100 tokens): the
 stop rule of model.generate, applied while decoding, so a looping row leaves the batch.
@@ -62,6 +67,7 @@ from model import CheckpointError, Transformer, generate
 from tokenizer import Tokenizer
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+Z80 = 0.8416212335729143  # one-sided 80% normal quantile (power of a planned test)
 
 GENERAL_PROMPTS = [
     "Give me three tips for getting better sleep.",
@@ -129,6 +135,36 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     # at k = 0 (k = n) the bound is exactly 0 (1); say so rather than trust the rounding
     return 0.0 if k == 0 else center - half, 1.0 if k == n else center + half
+
+
+def mcnemar_p_value(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test (see the module docstring): the p-value of `only_a` questions
+    answered right by model A alone against `only_b` by model B alone."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_comparison(correct_a: list[bool], correct_b: list[bool]) -> dict:
+    """A against B on the same questions: both verdict lists in the same question order."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"{len(correct_a)} and {len(correct_b)} verdicts: not the same questions")
+    n = len(correct_a)
+    only_a = sum(a and not b for a, b in zip(correct_a, correct_b))
+    only_b = sum(b and not a for a, b in zip(correct_a, correct_b))
+    discordant_share = (only_a + only_b) / n if n else 0.0
+    return {"n": n, "only_a": only_a, "only_b": only_b, "difference": (only_a - only_b) / n if n else 0.0,
+            "p_value": mcnemar_p_value(only_a, only_b),
+            "detectable_difference": detectable_difference(n, discordant_share)}
+
+
+def detectable_difference(n: int, discordant_share: float) -> float | None:
+    """Smallest accuracy difference δ a paired test on n questions detects with 80% power at
+    two-sided 5%, given the share ψ of questions the two models disagree on:
+    δ ≈ (z_0.975 + z_0.8) · sqrt(ψ / n) (normal approximation to McNemar's test). None when
+    the models never disagree: there is then nothing to base ψ on."""
+    return (Z95 + Z80) * math.sqrt(discordant_share / n) if n and discordant_share else None
 
 
 @dataclass

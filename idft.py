@@ -149,9 +149,12 @@ def _summary(name, x):
     }
 
 
-def loss_stats(phi, gamma=None, beta=1.0, gamma_min=0.1, gamma_max=2.0):
-    """JSON-friendly summary of φ (and γ for idft methods) over the valid tokens (1-D tensors)."""
+def loss_stats(phi, gamma=None, beta=1.0, gamma_min=0.1, gamma_max=2.0, *, entropy=None):
+    """JSON-friendly summary of φ (and γ for idft methods, mean H_t when given) over the valid
+    tokens (1-D tensors)."""
     stats = {"n_valid": phi.numel(), **_summary("phi", phi)}
+    if entropy is not None:  # H_t falls when a loss sharpens the model (the entropy collapse)
+        stats["entropy_mean"] = entropy.float().mean().item() if entropy.numel() else None
     stats["phi_hist"] = _histogram(phi, -3 * beta, 3 * beta)
     stats["phi_hist_range"] = [-3 * beta, 3 * beta]
     if gamma is not None:
@@ -161,11 +164,11 @@ def loss_stats(phi, gamma=None, beta=1.0, gamma_min=0.1, gamma_max=2.0):
     return stats
 
 
-def _third_output(phi, gamma, return_stats, return_tokens, beta, gamma_min, gamma_max):
+def _third_output(phi, gamma, H, return_stats, return_tokens, beta, gamma_min, gamma_max):
     """What the loss functions return next to (loss_sum, n_valid): raw tokens, stats, or None."""
     if return_tokens:
-        return phi.detach(), None if gamma is None else gamma.detach()
-    return loss_stats(phi, gamma, beta, gamma_min, gamma_max) if return_stats else None
+        return phi.detach(), None if gamma is None else gamma.detach(), H.detach()
+    return loss_stats(phi, gamma, beta, gamma_min, gamma_max, entropy=H) if return_stats else None
 
 
 def _check(method, mask, targets):
@@ -181,9 +184,9 @@ def token_loss_sum(method, logits, targets, mask, *, beta=1.0, gamma_min=0.1, ga
 
     logits [..., |V|] (any float dtype; softmax math in float32) score targets [...]; mask [...]
     is 1 on the tokens to train on. Targets under mask 0 may hold anything (e.g. −100).
-    extra: with return_tokens, (φ, γ) of the valid tokens as detached 1-D tensors (γ is None
+    extra: with return_tokens, (φ, γ, H) of the valid tokens as detached 1-D tensors (γ is None
     for non-IDFT methods), so a trainer can summarize a whole optimizer step with
-    loss_stats(torch.cat(φs), torch.cat(γs)); else the loss_stats dict of this call if
+    loss_stats(torch.cat(φs), torch.cat(γs), entropy=torch.cat(Hs)); else the loss_stats dict of this call if
     return_stats; else None.
     """
     _check(method, mask, targets)
@@ -198,8 +201,8 @@ def token_loss_sum(method, logits, targets, mask, *, beta=1.0, gamma_min=0.1, ga
     loss_t, gamma = per_token_loss(method, logp, st.phi, h, beta=beta, gamma_min=gamma_min,
                                    gamma_max=gamma_max, lam=lam, b=b)
     loss_sum = torch.where(valid, loss_t, 0.0).sum()
-    extra = _third_output(st.phi[valid], None if gamma is None else gamma[valid], return_stats, return_tokens,
-                          beta, gamma_min, gamma_max)
+    extra = _third_output(st.phi[valid], None if gamma is None else gamma[valid], st.H[valid], return_stats,
+                          return_tokens, beta, gamma_min, gamma_max)
     return loss_sum, int(valid.sum()), extra
 
 
@@ -236,7 +239,7 @@ def idft_v1_loss(logits, targets, mask, beta=1.0, gamma_min=0.1, gamma_max=2.0, 
 
 
 def _chunk_forward(method, hidden_c, y_c, weight, grad_W, need_hidden, top_k, loss_knobs):
-    """One chunk of valid tokens: (loss_t, φ, γ, ∂loss/∂hidden_c or None); adds ∂loss/∂W into grad_W.
+    """One chunk of valid tokens: (loss_t, φ, γ, H, ∂loss/∂hidden_c or None); adds ∂loss/∂W into grad_W.
 
     A function of its own so that the chunk's [chunk × |V|] buffers are freed on return.
     """
@@ -261,7 +264,7 @@ def _chunk_forward(method, hidden_c, y_c, weight, grad_W, need_hidden, top_k, lo
                 grad_W.addmm_(g.T, hidden_c)  # in place: no [|V| × D] temporary per chunk
             else:
                 grad_W += g.T @ hidden_c
-    return loss_t, phi, gamma, grad_hidden
+    return loss_t, phi, gamma, H, grad_hidden
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -279,10 +282,11 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_W = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_W else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         phi_valid = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy_valid = torch.empty(n, dtype=torch.float32, device=hidden.device)
         gamma_valid = torch.empty(n if method in ("idft", "idft_v1") else 0, device=hidden.device)
         for i in range(0, n, chunk_size):
             c = slice(i, i + chunk_size)
-            loss_t, phi_valid[c], gamma, grad_hidden_c = _chunk_forward(
+            loss_t, phi_valid[c], gamma, entropy_valid[c], grad_hidden_c = _chunk_forward(
                 method, hidden_valid[c], y_valid[c], weight, grad_W, need_hidden, top_k, loss_knobs)
             loss_sum += loss_t.sum()
             if gamma is not None:
@@ -295,11 +299,11 @@ class _ChunkedLoss(torch.autograd.Function):
             grad_hidden = (torch.zeros_like(hidden).reshape(-1, D).index_copy_(0, rows, grad_hidden_valid)
                            .view(hidden.shape))
         ctx.save_for_backward(grad_hidden, None if grad_W is None else grad_W.to(weight.dtype))
-        ctx.mark_non_differentiable(phi_valid, gamma_valid)
-        return loss_sum, phi_valid, gamma_valid
+        ctx.mark_non_differentiable(phi_valid, gamma_valid, entropy_valid)
+        return loss_sum, phi_valid, gamma_valid, entropy_valid
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_phi, _grad_gamma):
+    def backward(ctx, grad_loss, _grad_phi, _grad_gamma, _grad_entropy):
         grad_hidden, grad_W = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
@@ -325,7 +329,8 @@ def chunked_loss(method, hidden, weight, targets, mask, chunk_size=LOSS_CHUNK, *
     loss_knobs = {"beta": beta, "gamma_min": gamma_min, "gamma_max": gamma_max, "lam": lam, "b": b}
     if not torch.is_grad_enabled():  # e.g. evaluation: skip building the gradients in forward
         hidden, weight = hidden.detach(), weight.detach()
-    loss_sum, phi, gamma = _ChunkedLoss.apply(hidden, weight, targets, mask, method, loss_knobs, top_k, chunk_size)
-    extra = _third_output(phi, gamma if method in ("idft", "idft_v1") else None, return_stats, return_tokens,
+    loss_sum, phi, gamma, H = _ChunkedLoss.apply(hidden, weight, targets, mask, method, loss_knobs, top_k,
+                                                 chunk_size)
+    extra = _third_output(phi, gamma if method in ("idft", "idft_v1") else None, H, return_stats, return_tokens,
                           beta, gamma_min, gamma_max)
     return loss_sum, phi.numel(), extra

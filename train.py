@@ -214,7 +214,7 @@ def keep_metrics_until(out: Path, step: int):
 
 def curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series of the logged quantities; eval rows are lines of their own."""
-    keys = ("loss", "eval_loss", "lr", "grad_norm", "lambda", "phi_mean", "gamma_mean", "tokens_per_s")
+    keys = ("loss", "eval_loss", "lr", "grad_norm", "lambda", "phi_mean", "entropy_mean", "gamma_mean", "tokens_per_s")
     series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in keys}
     return {key: points for key, points in series.items() if points}
 
@@ -352,7 +352,7 @@ def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dic
         for i in range(0, len(seqs), micro_batch_size):
             inputs, targets, mask = collate(seqs[i:i + micro_batch_size], pad_id, device)
             hidden = head.model.hidden_states(inputs)
-            loss_sum, n, (phi, _) = idft.chunked_loss("sft", hidden, head.model.output_weight, targets, mask,
+            loss_sum, n, (phi, _, _) = idft.chunked_loss("sft", hidden, head.model.output_weight, targets, mask,
                                                       return_stats=False, return_tokens=True)
             total, count, phi_sum = total + loss_sum.item(), count + n, phi_sum + phi.sum().item()
     if sharded:
@@ -384,6 +384,7 @@ class StepResult:
     n_tokens: int  # input tokens this rank ran through the model, padding included (for tokens/s)
     phi: torch.Tensor  # φ_t of every valid token of the step, all ranks
     gamma: torch.Tensor | None  # γ_t of the same tokens (IDFT methods only)
+    entropy: torch.Tensor  # H_t of the same tokens
 
 
 def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[Sequence]], lam: float, pad_id: int,
@@ -400,17 +401,18 @@ def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[Sequence]
     n_valid = torch.tensor(sum(int(mask.sum()) for _, _, mask in batches), device=device)
     if world > 1:
         dist.all_reduce(n_valid)  # N_valid of the whole step, all ranks
-    loss_sum, phis, gammas = torch.zeros((), device=device), [], []
+    loss_sum, phis, gammas, entropies = torch.zeros((), device=device), [], [], []
     lam_t = torch.tensor(lam, device=device)
     is_ddp = isinstance(loss_head, nn.parallel.DistributedDataParallel)
     for i, (inputs, targets, mask) in enumerate(batches):
         sync = loss_head.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext()  # sync once, at the end
         with sync, autocast:
-            mb_loss_sum, _, (phi, gamma) = step_fn(inputs, targets, mask, lam_t)
+            mb_loss_sum, _, (phi, gamma, entropy) = step_fn(inputs, targets, mask, lam_t)
         # DDP averages gradients over ranks; × world turns that back into the sum over ranks
         (mb_loss_sum * (world / n_valid)).backward()
         loss_sum += mb_loss_sum.detach()
         phis.append(phi)
+        entropies.append(entropy)
         if gamma is not None:
             gammas.append(gamma)
     if world > 1:
@@ -424,7 +426,8 @@ def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[Sequence]
     optimizer.zero_grad(set_to_none=True)
     phi = gather_tokens(torch.cat(phis), world)
     gamma = gather_tokens(torch.cat(gammas), world) if gammas else None
-    return StepResult(loss, grad_norm, sum(inputs.numel() for inputs, _, _ in batches), phi, gamma)
+    entropy = gather_tokens(torch.cat(entropies), world)
+    return StepResult(loss, grad_norm, sum(inputs.numel() for inputs, _, _ in batches), phi, gamma, entropy)
 
 
 def gather_tokens(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -558,7 +561,8 @@ def train(args) -> int:
             seconds = time.perf_counter() - t0
 
             if main_process and (step % args.log_every == 0 or step == total_steps):
-                stats = idft.loss_stats(result.phi, result.gamma, args.beta, args.gamma_min, args.gamma_max)
+                stats = idft.loss_stats(result.phi, result.gamma, args.beta, args.gamma_min, args.gamma_max,
+                                        entropy=result.entropy)
                 record = {"step": step, "loss": result.loss, "lr": lr, "lambda": lam, "grad_norm": result.grad_norm,
                           "tokens_per_s": result.n_tokens * world / seconds, "skipped_examples": skipped, **stats}
                 if peak_flops:

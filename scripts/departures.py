@@ -69,10 +69,10 @@ def band_effect(logits, targets, mask, b) -> dict:
 
 
 def stats_effect(logits, targets, mask, micro_batches=4) -> dict:
-    _, _, (phi, gamma) = idft.token_loss_sum("idft", logits, targets, mask, return_stats=False, return_tokens=True)
+    _, _, (phi, gamma, _) = idft.token_loss_sum("idft", logits, targets, mask, return_stats=False, return_tokens=True)
     ours = idft.loss_stats(phi, gamma)
     rows_per_mb = len(logits) // micro_batches
-    _, _, (last_phi, _) = idft.token_loss_sum("idft", logits[-rows_per_mb:], targets[-rows_per_mb:],
+    _, _, (last_phi, _, _) = idft.token_loss_sum("idft", logits[-rows_per_mb:], targets[-rows_per_mb:],
                                               mask[-rows_per_mb:], return_stats=False, return_tokens=True)
     return {"tokens_in_step": phi.numel(), "tokens_in_last_micro_batch": last_phi.numel(),
             "phi_mean_step": ours["phi_mean"], "phi_mean_last_micro_batch": last_phi.mean().item(),

@@ -5,9 +5,10 @@ from a random.Random and returns the question, a step-by-step solution ending in
 (GSM8K's format, without the <<a*b=c>> calculator notes) and the answer. reasoning-gym marks 15
 of its 100 generators as broken (`tasks_need_fix`); we use only the 85 in `tasks_ok`.
 
-  train.jsonl    templates not held out
-  test.jsonl     the same templates, fresh random draws, no question also in train
-  heldout.jsonl  --heldout-templates templates never seen in train (generalization)
+  train.jsonl       the training templates: every template not held out, or --templates
+  validation.jsonl  the same templates, fresh draws (with --n-validation; for choosing settings)
+  test.jsonl        the same templates, fresh draws, no question also in train or validation
+  heldout.jsonl     --heldout-templates templates never seen in train (generalization)
 
 Each line is {"id", "question", "answer", "final_answer", "template"}: "answer" is the solution,
 "final_answer" the generator's own answer (the gold answer data.py reads). Example i of a split
@@ -19,6 +20,7 @@ disagrees with the generator's answer numerically ('#### 21.0' for "21", about 4
     python scripts/make_gsm8k.py --out-dir data
 """
 
+import argparse
 import json
 import random
 import sys
@@ -30,6 +32,7 @@ from data import (ArgumentParser, UserError, answers_match, atomic_write, check_
                   nonnegative_int, positive_int)
 
 HELDOUT_TEMPLATES = 15  # of the 85 usable templates, kept out of train and test
+SPLITS = ("train", "validation", "test", "heldout")  # made in this order: a question goes to the first
 QUESTION_SUFFIX = " Give the result as your final answer. Do not include units."  # as reasoning-gym adds
 
 
@@ -68,22 +71,53 @@ def make_split(name, templates, n, seed, generators, seen, dropped) -> list[dict
     return records
 
 
-def build(n_train: int, n_test: int, n_heldout: int, heldout_templates: int, seed: int):
-    """Returns ({file name: JSONL text}, {split: (templates, dropped counts)})."""
+def build(counts: dict[str, int], heldout_templates: int | list[int], seed: int, train_templates=None):
+    """Returns ({file name: JSONL text}, {split: (templates, dropped counts)}).
+
+    counts: examples per split of SPLITS (a split with 0 is not made). heldout_templates: how
+    many templates to hold out, drawn at random, or which. train_templates: the templates of
+    train, validation and test (default: every usable template not held out).
+    """
     generators = load_generators()
     all_templates = sorted(generators)
-    if not 1 <= heldout_templates < len(all_templates):
-        raise UserError(f"--heldout-templates must be between 1 and {len(all_templates) - 1}, got {heldout_templates}")
-    heldout = sorted(random.Random(f"gsm_symbolic/{seed}/heldout").sample(all_templates, heldout_templates))
-    train = [t for t in all_templates if t not in heldout]
+    if isinstance(heldout_templates, int):
+        if not 1 <= heldout_templates < len(all_templates):
+            raise UserError(f"--heldout-templates must be between 1 and {len(all_templates) - 1}, "
+                            f"got {heldout_templates}")
+        heldout = sorted(random.Random(f"gsm_symbolic/{seed}/heldout").sample(all_templates, heldout_templates))
+    else:
+        heldout = sorted(heldout_templates)
+    train = [t for t in all_templates if t not in heldout] if train_templates is None else list(train_templates)
+    for flag, chosen in (("--heldout-templates", heldout), ("--templates", train)):
+        if unusable := [t for t in chosen if t not in generators]:
+            raise UserError(f"{flag}: {unusable} are not usable gsm_symbolic templates (usable: {all_templates})")
+    if shared := set(train) & set(heldout):
+        raise UserError(f"templates {sorted(shared)} are both trained on and held out")
 
     seen, texts, info = set(), {}, {}
-    for name, templates, n in [("train", train, n_train), ("test", train, n_test), ("heldout", heldout, n_heldout)]:
+    for name in SPLITS:
+        templates, n = (heldout if name == "heldout" else train), counts.get(name, 0)
+        if n == 0:
+            continue
         dropped = {"duplicate": 0, "inconsistent": 0}
         records = make_split(name, templates, n, seed, generators, seen, dropped)
         texts[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         info[name] = (templates, dropped)
     return texts, info
+
+
+def template_list(text: str) -> list[int]:
+    try:
+        templates = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected template numbers like 26,43,58, got {text!r}") from None
+    if len(set(templates)) != len(templates):
+        raise argparse.ArgumentTypeError(f"a template is listed twice in {text!r}")
+    return templates
+
+
+def templates_or_count(text: str) -> int | list[int]:
+    return template_list(text) if "," in text else positive_int(text)
 
 
 def write_splits(out: Path, texts: dict[str, str], overwrite: bool, remedy: str) -> list[str]:
@@ -103,17 +137,22 @@ def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", default="data", help="output directory (default: data)")
     ap.add_argument("--n-train", type=positive_int, default=7000)
+    ap.add_argument("--n-validation", type=nonnegative_int, default=0, help="validation questions (0: no file)")
     ap.add_argument("--n-test", type=positive_int, default=500)
     ap.add_argument("--n-heldout", type=positive_int, default=500)
-    ap.add_argument("--heldout-templates", type=positive_int, default=HELDOUT_TEMPLATES,
-                    help="templates kept out of train/test (of 85)")
+    ap.add_argument("--heldout-templates", type=templates_or_count, default=HELDOUT_TEMPLATES,
+                    help="templates kept out of train/test: how many (of 85, drawn at random) or a list like 75,39")
+    ap.add_argument("--templates", type=template_list, default=None,
+                    help="train/validation/test templates, e.g. 26,43,58 (default: all not held out)")
     ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite existing files with different content")
     try:
         args = ap.parse_args(argv)
         t0 = time.time()
         out = check_output(args.out_dir, "--out-dir", kind="dir")
-        texts, info = build(args.n_train, args.n_test, args.n_heldout, args.heldout_templates, args.seed)
+        counts = {"train": args.n_train, "validation": args.n_validation, "test": args.n_test,
+                  "heldout": args.n_heldout}
+        texts, info = build(counts, args.heldout_templates, args.seed, args.templates)
         changed = write_splits(out, texts, args.force, "use --force to overwrite")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,41 +1,56 @@
 """Reproduce the paper's two claims in miniature, end to end, with one command.
 
     python scripts/reproduce.py --scale smoke    # minutes on CPU: checks the plumbing, proves nothing
-    python scripts/reproduce.py --scale cpu      # about two hours on a 2-core CPU
-    python scripts/reproduce.py --scale gpu      # the meaningful scale (bf16, compiled), one GPU
+    python scripts/reproduce.py --scale cpu      # about two hours on a 2-core CPU: a powered study
+    python scripts/reproduce.py --scale gpu      # the larger plan (bf16, compiled), one GPU
 
 Model: the bundled SmolLM2-135M-Instruct (--model to change). Data: scripts/make_gsm8k.py —
-train templates, a test split of the same templates, and a split of held-out templates.
-Everything goes to results/<scale>/ (--out to change); the stages, in order:
+train, validation and test splits of the same gsm_symbolic templates (new numbers), and a split
+of templates never trained on. Everything goes to results/<scale>/ (--out to change); stages:
 
-  data    train.jsonl, test.jsonl, heldout.jsonl                  (scripts/make_gsm8k.py)
-  ddt     claim 1 (DDT, SPEC §2, §4): on the first problems of train, the φ statistics
-          (average φ, z, shares of φ_t above −1/−3/−5) under the plain prompt of
-            (a) the reference solutions, (b) the model's own answers sampled at temperature 1
-            (on-policy by construction: E[φ_t] = 0), (c) β = 0 rewrites (the hint stream
-            alone), (d) hinted-decoding rewrites (β of --beta) — the paper says (d) sits near
-            (b) while (a) and (c) do not                           -> ddt.json, ddt.png
-  hd      the hinted_decode.py pipeline on train: the model's verified own answers and its
-          verified hinted rewrites                                 -> hd.jsonl
-  train   claim 2 (IDFT, SPEC §3): train.py with sft, dft, idft, idft_v1 on the references and
-          sft, idft on hd.jsonl ("hd_sft", "hd_idft"); same steps, batch, lr and seed
-                                                                   -> runs/<name>/
-  eval    per model (the base included): accuracy with 95% CI on test and held-out, answer
-          NLL per token on both, drift KL(base ‖ model) on everyday prompts (eval.py), and
-          the φ of its own training data before (base) and after training
-                                                                   -> eval/<name>.json
-  report  the tables, a reading of which claims reproduce, and plots -> results.md, *.png
-          (with the default --out, also the "Results" block of README.md)
+  data      train, validation, test, heldout .jsonl                (scripts/make_gsm8k.py)
+  ddt       claim 1 (DDT, SPEC §2, §4): on the first problems of train, the φ statistics
+            (average φ, z, shares of φ_t above −1/−3/−5) under the plain prompt of
+              (a) the reference solutions, (b) the model's own answers sampled at temperature 1
+              (on-policy by construction: E[φ_t] = 0), (c) β = 0 rewrites (the hint stream
+              alone), (d) hinted-decoding rewrites (β of HD_BETA) — the paper says (d) sits near
+              (b) while (a) and (c) do not                         -> ddt.json, ddt.png
+  hd        the hinted_decode.py pipeline on the first n_hd train problems: the model's verified
+            own answers and its verified hinted rewrites (yield and φ reported) -> hd.jsonl
+  grid      claim 2 (IDFT, SPEC §3): train.py with each loss of GRID_LOSSES at each learning
+            rate of the scale's grid, on the references; same steps, batch, data order, seed
+                                                                   -> runs/<loss>_lr<rate>/
+  select    every grid model (and the base) answers the validation split and is measured for
+            drift, KL(base ‖ model) on everyday prompts; each loss keeps the rate with the best
+            validation accuracy (ties: the smaller drift)          -> eval/<name>.validation.json
+  hd_train  sft and idft on hd.jsonl at the rates chosen for sft and idft -> runs/hd_<loss>/
+  final     the base, each loss at its chosen rate, and the hd runs answer the test split
+            (same templates) and the held-out templates: accuracy with Wilson intervals, exact
+            McNemar tests against SFT on the same questions, NLL and φ of the references, and
+            the φ of each model's own training data before and after -> eval/<name>.json
+  report    tables, plots (frontier: validation accuracy against drift, one point per loss ×
+            rate; dynamics: mean φ and entropy of the training batches per step) and a
+            reading generated from the numbers                     -> results.md, *.png
+            (with the default --out, also the "Results" block of README.md)
 
 Restartable: a stage whose outputs are present and were made with the same settings is
 reused; hd.jsonl and training runs resume where they stopped (hinted_decode.py and
 train.py --resume); outputs made with other settings stop the run with an error instead of
-being overwritten. Interrupt at any time and rerun the same command.
+being overwritten. Interrupt at any time and rerun the same command. The seconds each stage
+spent are added up across reruns in timings.json and reported.
+
+How the cpu scale was chosen (a pilot, 2026-11-29, on this 2-core machine): on all 70 train
+templates at 16 steps × 8 sequences, SFT at 1e-4 left test accuracy where the base was (4%
+vs 4%, 48 questions). The templates with the shortest solutions (two or three arithmetic lines,
+35–60 tokens) make answers cheap to generate and quick to learn: on the nine chosen here the
+base answers 1/96 test questions (2/96 on the six held-out ones), and SFT at 1e-4 after 40
+steps × 8 sequences 33/96 (34%): learning shows. Each training run takes about 5 minutes, each
+model answers about 100 questions a minute, which sets the grid (3 losses × 3 rates) and the
+300 + 300 questions at about two hours.
 """
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
@@ -63,38 +78,47 @@ from tokenizer import Tokenizer  # noqa: E402
 
 @dataclass(frozen=True)
 class Scale:
-    n_train: int  # training examples (references); hinted decoding rewrites the same ones
-    n_test: int  # test questions (train templates, other seeds)
-    n_heldout: int  # questions from templates never seen in training
+    train_templates: tuple[int, ...] | None  # templates of train/validation/test (None: all not held out)
+    heldout_templates: tuple[int, ...] | int  # templates never trained on: which, or how many at random
+    n_train: int  # training examples (references)
+    n_validation: int  # questions that choose each loss's learning rate
+    n_test: int  # test questions (train templates, other draws)
+    n_heldout: int  # questions from the held-out templates
     n_ddt: int  # train problems scored for claim 1
+    n_hd: int  # train problems hinted decoding rewrites (the first n_hd)
     steps: int  # optimizer steps of every training run
     batch_size: int  # sequences per optimizer step
     micro_batch_size: int
     max_len: int  # longest training sequence (longer ones are skipped, and counted)
-    lr: float  # peak learning rate (linear warmup, cosine decay: train.py)
+    learning_rates: tuple[float, ...]  # the grid every loss of GRID_LOSSES is trained at
     max_new_tokens: int  # answers: evaluation, claim 1, hinted decoding
     n_general: int  # everyday prompts for the drift KL (eval.GENERAL_PROMPTS)
     general_max_new_tokens: int
-    n_phi_train: int  # training examples scored for "φ of the training data before/after"
+    n_phi: int  # examples scored for the φ/NLL of references and of each model's training data
     eval_batch_size: int
 
 
+SHORT_TEMPLATES = (4, 6, 10, 16, 26, 43, 50, 58, 72)  # two-line solutions, 35–50 tokens (see the docstring)
+SHORT_HELDOUT = (14, 20, 31, 39, 75, 99)  # two- or three-line solutions, 50–60 tokens
 SCALES = {
-    "smoke": Scale(n_train=16, n_test=8, n_heldout=8, n_ddt=4, steps=2, batch_size=4, micro_batch_size=2,
-                   max_len=768, lr=5e-5, max_new_tokens=48, n_general=4, general_max_new_tokens=24, n_phi_train=8,
+    "smoke": Scale(train_templates=SHORT_TEMPLATES, heldout_templates=SHORT_HELDOUT, n_train=16, n_validation=8,
+                   n_test=8, n_heldout=8, n_ddt=4, n_hd=16, steps=2, batch_size=4, micro_batch_size=2, max_len=320,
+                   learning_rates=(5e-5, 1e-4), max_new_tokens=48, n_general=4, general_max_new_tokens=24, n_phi=8,
                    eval_batch_size=8),
-    "cpu": Scale(n_train=64, n_test=48, n_heldout=48, n_ddt=16, steps=16, batch_size=8, micro_batch_size=4,
-                 max_len=640, lr=1e-4, max_new_tokens=256, n_general=12, general_max_new_tokens=96, n_phi_train=32,
-                 eval_batch_size=16),
-    "gpu": Scale(n_train=2000, n_test=500, n_heldout=500, n_ddt=128, steps=250, batch_size=32, micro_batch_size=8,
-                 max_len=768, lr=2e-5, max_new_tokens=512, n_general=50, general_max_new_tokens=256, n_phi_train=256,
-                 eval_batch_size=64),
+    "cpu": Scale(train_templates=SHORT_TEMPLATES, heldout_templates=SHORT_HELDOUT, n_train=320, n_validation=150,
+                 n_test=300, n_heldout=300, n_ddt=16, n_hd=320, steps=40, batch_size=8, micro_batch_size=8,
+                 max_len=320, learning_rates=(1e-5, 3e-5, 1e-4), max_new_tokens=96, n_general=12,
+                 general_max_new_tokens=96, n_phi=48, eval_batch_size=50),
+    "gpu": Scale(train_templates=None, heldout_templates=make_gsm8k.HELDOUT_TEMPLATES, n_train=4000, n_validation=300,
+                 n_test=500, n_heldout=500, n_ddt=128, n_hd=2000, steps=250, batch_size=32, micro_batch_size=8,
+                 max_len=768, learning_rates=(1e-5, 3e-5, 1e-4), max_new_tokens=512, n_general=50,
+                 general_max_new_tokens=256, n_phi=256, eval_batch_size=64),
 }
 SEED = 0
 HD_BETA = 3.0  # β of the hinted rewrites (hinted_decode.py's default)
-# name: (loss, training data). The first four train on the references, the last two on hd.jsonl.
-RUNS = {"sft": ("sft", "train"), "dft": ("dft", "train"), "idft": ("idft", "train"), "idft_v1": ("idft_v1", "train"),
-        "hd_sft": ("sft", "hd"), "hd_idft": ("idft", "hd")}
+GRID_LOSSES = ("sft", "dft", "idft")  # trained on the references at every rate of the grid
+HD_LOSSES = ("sft", "idft")  # trained on hd.jsonl at the rate chosen for the same loss
+BASELINE = "sft"  # every other model is compared with it; hd_idft also with hd_sft
 
 
 def log(msg: str):
@@ -126,6 +150,18 @@ def save(path: Path, settings, result: dict) -> dict:
     return record
 
 
+class Timings:
+    """Seconds per stage, added up over every invocation (a resumed study reports its whole cost)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, stage: str, seconds: float):
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        atomic_write(self.path, json.dumps(self.seconds, indent=1) + "\n")
+
+
 def examples_in(path: Path) -> list[Example]:
     """The examples of a data file; none for an empty one (hd.jsonl when no rewrite verified)."""
     return load_examples(path) if path.stat().st_size else []
@@ -136,15 +172,27 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def scale_settings(scale: Scale) -> dict:
+    """The scale as its saved settings read back (tuples become lists in JSON)."""
+    return json.loads(json.dumps(asdict(scale)))
+
+
+def run_name(loss: str, lr: float) -> str:
+    return f"{loss}_lr{lr:g}"
+
+
 # ---- Stage: data --------------------------------------------------------------------------------
 
 
 def make_data(out: Path, scale: Scale) -> dict[str, Path]:
     """make_gsm8k.py's splits: deterministic, so always made; files with other content are refused."""
-    texts, _ = make_gsm8k.build(scale.n_train, scale.n_test, scale.n_heldout, make_gsm8k.HELDOUT_TEMPLATES, SEED)
+    counts = {"train": scale.n_train, "validation": scale.n_validation, "test": scale.n_test,
+              "heldout": scale.n_heldout}
+    heldout = scale.heldout_templates if isinstance(scale.heldout_templates, int) else list(scale.heldout_templates)
+    texts, _ = make_gsm8k.build(counts, heldout, SEED, scale.train_templates)
     written = make_gsm8k.write_splits(out / "data", texts, overwrite=False, remedy="delete them or choose another --out")
     log(f"data: {', '.join(written) or 'nothing'} written in {out / 'data'}")
-    return {split: out / "data" / f"{split}.jsonl" for split in ("train", "test", "heldout")}
+    return {split: out / "data" / f"{split}.jsonl" for split in counts}
 
 
 # ---- Stage: ddt (claim 1) -----------------------------------------------------------------------
@@ -223,8 +271,6 @@ def plot_ddt(token_phi: dict, summary: dict, path: Path):
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-
-
 # ---- Stage: hinted-decoding data ----------------------------------------------------------------
 
 
@@ -234,13 +280,28 @@ def hd_stage(out: Path, model: str, train_file: Path, scale: Scale, device: str)
     hd = out / "hd.jsonl"
     argv = ["--data", str(train_file), "--out", str(hd), "--model", model, "--beta", str(HD_BETA),
             "--max-new-tokens", str(scale.max_new_tokens), "--batch-size", str(max(1, scale.eval_batch_size // 2)),
-            "--seed", str(SEED), "--device", device, "--quiet"]
-    log(f"hd: hinted_decode.py on {train_file} -> {hd}")
+            "--limit", str(scale.n_hd), "--seed", str(SEED), "--device", device, "--quiet"]
+    log(f"hd: hinted_decode.py on the first {scale.n_hd} problems of {train_file} -> {hd}")
     check(hinted_decode.main(argv), "hinted_decode.py")
     return hd
 
 
-# ---- Stage: training ----------------------------------------------------------------------------
+def hd_summary(hd: Path) -> dict:
+    """Yield (verified / tried) and the φ of what was kept, against the φ of the same problems'
+    references (both scored by the base model under the plain prompt, by hinted_decode.py)."""
+    records = read_log(hd, "hinted_decode.py")[0] + read_log(hinted_decode.failed_path(hd), "hinted_decode.py")[0]
+    counts = {k: sum(r["source"] == k for r in records) for k in ("on_policy", "hinted", "failed")}
+    kept = {k: [r for r in records if r["source"] == k and r["phi"] and r["phi_reference"]]
+            for k in ("on_policy", "hinted")}
+    phi = {k: {"response": mean([r["phi"]["phi_mean"] for r in rows]),
+               "reference": mean([r["phi_reference"]["phi_mean"] for r in rows]),
+               "z": mean([r["phi"]["z"] for r in rows])} for k, rows in kept.items()}
+    tried = len(records)
+    return {"tried": tried, **counts, "yield": (counts["on_policy"] + counts["hinted"]) / tried if tried else None,
+            "phi": phi}
+
+
+# ---- Stages: training (the grid, then the hd runs) ----------------------------------------------
 
 
 def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
@@ -250,38 +311,56 @@ def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
     return latest if latest is not None and steps_logged and max(steps_logged) >= steps else None
 
 
-def train_stage(out: Path, model: str, files: dict[str, Path], scale: Scale) -> dict[str, dict]:
-    """One train.py run per RUNS entry; a run with too little data is recorded as skipped."""
-    runs = {}
-    for name, (loss, data) in RUNS.items():
-        run_dir = out / "runs" / name
-        n_examples = len(examples_in(files[data]))
-        if n_examples < scale.batch_size:
-            log(f"train {name}: skipped, {files[data].name} has {n_examples} examples (< batch {scale.batch_size})")
-            runs[name] = {"loss": loss, "data": data, "skipped": f"{n_examples} training examples"}
-            continue
-        argv = ["--data", str(files[data]), "--model", model, "--out", str(run_dir), "--loss", loss,
-                "--max-steps", str(scale.steps), "--batch-size", str(scale.batch_size),
-                "--micro-batch-size", str(scale.micro_batch_size), "--max-len", str(scale.max_len),
-                "--lr", str(scale.lr), "--seed", str(SEED), "--save-every", str(scale.steps), "--log-every", "1",
-                "--resume"]
-        settings_file = run_dir / "reproduce_settings.json"
-        if reuse(settings_file, argv) is None:
-            if run_dir.exists():
-                raise UserError(f"{run_dir} exists without {settings_file.name}: delete it or choose another --out")
-            save(settings_file, argv, {})
-        if (done := finished_checkpoint(run_dir, scale.steps)) is None:
-            log(f"train {name}: {loss} on {files[data].name}, {scale.steps} steps")
-            check(train.main(argv), f"train.py {shlex.join(argv)}")
-            done = finished_checkpoint(run_dir, scale.steps)
-            train.plot_run(run_dir)
-        else:
-            log(f"train {name}: reusing {done}")
-        runs[name] = {"loss": loss, "data": data, "checkpoint": str(done)}
-    return runs
+def train_run(out: Path, name: str, model: str, loss: str, lr: float, data: Path, scale: Scale) -> dict:
+    """One train.py run (resumed if it stopped); recorded as skipped with too little data."""
+    info = {"loss": loss, "lr": lr, "data": data.stem}
+    run_dir = out / "runs" / name
+    n_examples = len(examples_in(data))
+    if n_examples < scale.batch_size:
+        log(f"train {name}: skipped, {data.name} has {n_examples} examples (< batch {scale.batch_size})")
+        return {**info, "skipped": f"{n_examples} training examples"}
+    argv = ["--data", str(data), "--model", model, "--out", str(run_dir), "--loss", loss,
+            "--max-steps", str(scale.steps), "--batch-size", str(scale.batch_size),
+            "--micro-batch-size", str(scale.micro_batch_size), "--max-len", str(scale.max_len),
+            "--lr", str(lr), "--seed", str(SEED), "--save-every", str(scale.steps), "--log-every", "1", "--resume"]
+    settings_file = run_dir / "reproduce_settings.json"
+    if reuse(settings_file, argv) is None:
+        if run_dir.exists():
+            raise UserError(f"{run_dir} exists without {settings_file.name}: delete it or choose another --out")
+        save(settings_file, argv, {})
+    if (done := finished_checkpoint(run_dir, scale.steps)) is None:
+        log(f"train {name}: {loss} at lr {lr:g} on {data.name}, {scale.steps} steps")
+        check(train.main(argv), f"train.py {shlex.join(argv)}")
+        done = finished_checkpoint(run_dir, scale.steps)
+        train.plot_run(run_dir)
+    else:
+        log(f"train {name}: reusing {done}")
+    return {**info, "checkpoint": str(done), "run_dir": str(run_dir)}
 
 
-# ---- Stage: evaluation --------------------------------------------------------------------------
+def grid_stage(out: Path, model: str, train_file: Path, scale: Scale) -> dict[str, dict]:
+    return {run_name(loss, lr): train_run(out, run_name(loss, lr), model, loss, lr, train_file, scale)
+            for loss in GRID_LOSSES for lr in scale.learning_rates}
+
+
+def choose_rates(grid: dict[str, dict]) -> dict[str, str]:
+    """Each loss's run with the best validation accuracy; a tie goes to the smaller drift (the
+    paper's claim is about both), then to the smaller rate. {loss: run name}."""
+    chosen = {}
+    for loss in GRID_LOSSES:
+        runs = [(name, r) for name, r in grid.items() if r.get("loss") == loss and "validation" in r]
+        if runs:
+            chosen[loss] = min(runs, key=lambda nr: (-nr[1]["validation"]["accuracy"], nr[1]["kl_from_base"],
+                                                     nr[1]["lr"]))[0]
+    return chosen
+
+
+def hd_train_stage(out: Path, model: str, hd: Path, grid: dict, chosen: dict[str, str], scale: Scale) -> dict:
+    return {f"hd_{loss}": train_run(out, f"hd_{loss}", model, loss, grid[chosen[loss]]["lr"], hd, scale)
+            for loss in HD_LOSSES if loss in chosen}
+
+
+# ---- Stages: evaluation (validation for every model, then test and held-out) ---------------------
 
 
 def fingerprint(model_dir: Path) -> list:
@@ -289,75 +368,81 @@ def fingerprint(model_dir: Path) -> list:
     return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.glob("*.safetensors"))
 
 
-def base_drift_answers(out: Path, base_dir: Path, scale: Scale, load_base) -> list:
-    """The base model's greedy answers to the everyday prompts, made once for every model."""
-    settings = {"model": str(base_dir), "n_general": scale.n_general,
-                "general_max_new_tokens": scale.general_max_new_tokens}
-    path = out / "eval" / "base_drift_answers.json"
-    if (saved := reuse(path, settings)) is None:
-        base, tok = load_base()
-        prompts = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-                   for p in evaluation.GENERAL_PROMPTS[:scale.n_general]]
-        gens, _ = evaluation.generate_all(base, prompts, tok.stop_ids, scale.general_max_new_tokens,
-                                          scale.eval_batch_size, "  base on everyday prompts")
-        saved = save(path, settings, {"seqs": [[p + g.tokens, len(p)] for p, g in zip(prompts, gens)]})
-    return [tuple(s) for s in saved["seqs"]]
+class Evaluator:
+    """Evaluations of one study, with the base model and its answers to the everyday prompts
+    loaded once, on first use (not at all when every evaluation is reused)."""
 
+    def __init__(self, out: Path, base_dir: Path, files: dict[str, Path], scale: Scale, device: str):
+        self.out, self.base_dir, self.files, self.scale = out, base_dir, files, scale
+        self.args = SimpleNamespace(max_new_tokens=scale.max_new_tokens, batch_size=scale.eval_batch_size,
+                                    device=device, dtype="bfloat16" if device.startswith("cuda") else "float32")
+        self._base, self._drift = None, None
 
-def eval_stage(out: Path, base_dir: Path, models: dict[str, dict], files: dict[str, Path], scale: Scale,
-               device: str) -> dict[str, dict]:
-    eval_args = SimpleNamespace(max_new_tokens=scale.max_new_tokens, batch_size=scale.eval_batch_size, device=device,
-                                dtype="bfloat16" if device.startswith("cuda") else "float32")
-    loaded = []  # the base model, loaded on first use (not at all when every stage is reused)
+    def base(self):
+        if self._base is None:
+            self._base = evaluation.load(self.base_dir, self.args)
+        return self._base
 
-    def load_base():
-        if not loaded:
-            loaded.append(evaluation.load(base_dir, eval_args))
-        return loaded[0]
+    def drift_answers(self) -> list:
+        """The base model's greedy answers to the everyday prompts, made once for every model."""
+        if self._drift is None:
+            scale = self.scale
+            settings = {"model": str(self.base_dir), "n_general": scale.n_general,
+                        "general_max_new_tokens": scale.general_max_new_tokens}
+            path = self.out / "eval" / "base_drift_answers.json"
+            if (saved := reuse(path, settings)) is None:
+                base, tok = self.base()
+                prompts = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+                           for p in evaluation.GENERAL_PROMPTS[:scale.n_general]]
+                gens, _ = evaluation.generate_all(base, prompts, tok.stop_ids, scale.general_max_new_tokens,
+                                                  scale.eval_batch_size, "  base on everyday prompts")
+                saved = save(path, settings, {"seqs": [[p + g.tokens, len(p)] for p, g in zip(prompts, gens)]})
+            self._drift = [tuple(s) for s in saved["seqs"]]
+        return self._drift
 
-    drift_seqs = base_drift_answers(out, base_dir, scale, load_base)
-    splits = {s: load_examples(files[s]) for s in ("test", "heldout")}
-    results = {}
-    for name, info in models.items():
+    def run(self, name: str, info: dict, part: str) -> dict:
+        """part "validation": accuracy on the validation split and the drift KL; part "final":
+        accuracy on test and held-out, the φ/NLL of their references and of the model's own
+        training data. Saved to eval/<name>.<part>.json (and the answers to .jsonl files)."""
         if "skipped" in info:
-            results[name] = info
-            continue
-        model_dir = Path(info["checkpoint"])
-        train_data = {d: files[d] for d in ("train", "hd") if name == "base" or d == info["data"]}
-        settings = {"model": str(model_dir), "weights": fingerprint(model_dir), **asdict(scale),
+            return info
+        model_dir, scale = Path(info["checkpoint"]), self.scale
+        data_names = ("train", "hd") if name == "base" else (info["data"],)
+        train_data = {d: self.files[d] for d in data_names if d in self.files}
+        splits = ("validation",) if part == "validation" else ("test", "heldout")
+        settings = {"model": str(model_dir), "weights": fingerprint(model_dir), **scale_settings(scale),
                     "train_data": {d: str(f) for d, f in train_data.items()}}
-        path = out / "eval" / f"{name}.json"
+        path = self.out / "eval" / f"{name}.{part}.json"
         if (saved := reuse(path, settings)) is not None:
-            log(f"eval {name}: reusing {path}")
-            results[name] = {**info, **saved}
-            continue
-        log(f"eval {name}: {model_dir}")
-        base = load_base()[0]
-        model, tok = load_base() if model_dir == base_dir else evaluation.load(model_dir, eval_args)
-        result, outputs = {}, {}
-        for split, examples in splits.items():
-            summary, rows = evaluation.evaluate_model(model, tok, examples, eval_args)
-            refs = score_examples(model, [encode_example(tok, ex) for ex in examples], tok.pad_id,
-                                  scale.eval_batch_size)
-            result[split] = {**summary, "reference": evaluation.phi_summary(refs)}
-            outputs[split] = rows
-        sums, counts = evaluation.kl_from_base(base, model, drift_seqs, tok.pad_id, scale.eval_batch_size)
-        result["kl_from_base"] = sum(sums) / sum(counts)
-        result["train_data_phi"] = {}
-        for d, f in train_data.items():
-            examples = examples_in(f)[:scale.n_phi_train]
-            if examples:
-                scores = score_examples(model, [encode_example(tok, ex) for ex in examples], tok.pad_id,
-                                        scale.eval_batch_size)
-                result["train_data_phi"][d] = evaluation.phi_summary(scores)
-        for split, rows in outputs.items():
-            atomic_write(out / "eval" / f"{name}.{split}.jsonl",
+            log(f"eval {name} ({part}): reusing {path}")
+            return {**info, **saved}
+        log(f"eval {name} ({part}): {model_dir}")
+        model, tok = self.base() if model_dir == self.base_dir else evaluation.load(model_dir, self.args)
+        result = {}
+        for split in splits:
+            examples = load_examples(self.files[split])
+            summary, rows = evaluation.evaluate_model(model, tok, examples, self.args)
+            result[split] = {**summary, "verdicts": [r["correct"] for r in rows]}
+            if part == "final":
+                refs = score_examples(model, [encode_example(tok, ex) for ex in examples[:scale.n_phi]], tok.pad_id,
+                                      scale.eval_batch_size)
+                result[split]["reference"] = evaluation.phi_summary(refs)
+            atomic_write(self.out / "eval" / f"{name}.{split}.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        results[name] = {**info, **save(path, settings, result)}
-        log(f"eval {name}: test {result['test']['accuracy']:.3f}, held-out {result['heldout']['accuracy']:.3f}, "
-            f"KL {result['kl_from_base']:.4f}")
-        del model
-    return results
+        if part == "validation":
+            sums, counts = evaluation.kl_from_base(self.base()[0], model, self.drift_answers(), tok.pad_id,
+                                                   scale.eval_batch_size)
+            result["kl_from_base"] = sum(sums) / sum(counts)
+        else:
+            result["train_data_phi"] = {}
+            for d, f in train_data.items():
+                if examples := examples_in(f)[:scale.n_phi]:
+                    scores = score_examples(model, [encode_example(tok, ex) for ex in examples], tok.pad_id,
+                                            scale.eval_batch_size)
+                    result["train_data_phi"][d] = evaluation.phi_summary(scores)
+        log(f"eval {name} ({part}): " + ", ".join(f"{s} {result[s]['accuracy']:.3f}" for s in splits)
+            + (f", KL {result['kl_from_base']:.4f}" if part == "validation" else ""))
+        return {**info, **save(path, settings, result)}
 
 
 # ---- Stage: report ------------------------------------------------------------------------------
@@ -381,30 +466,6 @@ def ddt_table(ddt: dict) -> list[str]:
     return lines
 
 
-def idft_table(results: dict) -> list[str]:
-    lines = ["| model | loss | data | test accuracy [95% CI] | held-out accuracy [95% CI] | test NLL | held-out NLL "
-             "| KL(base ‖ model) | φ of its training data: base → after | test outputs at length limit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    base = results["base"]
-    for name, r in results.items():
-        if "skipped" in r:
-            lines.append(f"| {name} | {r['loss']} | {r['data']} | skipped: {r['skipped']} | | | | | | |")
-            continue
-        phi = "–"
-        if name != "base":
-            before = base["train_data_phi"].get(r["data"], {}).get("phi_token_mean")
-            after = r["train_data_phi"].get(r["data"], {}).get("phi_token_mean")
-            phi = f"{f(before, '+.3f')} → {f(after, '+.3f')}"
-        lines.append(f"| {name} | {r.get('loss', '–')} | {r.get('data', '–')} | {acc(r['test'])} | {acc(r['heldout'])} "
-                     f"| {r['test']['reference']['nll_token_mean']:.3f} | {r['heldout']['reference']['nll_token_mean']:.3f} "
-                     f"| {r['kl_from_base']:.4f} | {phi} | {r['test']['length_limit_share']:.2f} |")
-    return lines
-
-
-def overlap(a: dict, b: dict) -> bool:
-    return a["ci95"][0] <= b["ci95"][1] and b["ci95"][0] <= a["ci95"][1]
-
-
 def ddt_reading(s: dict) -> str:
     """DDT's test is one-sided: it flags text the model finds less likely than its own (z below
     the 5% quantile). Greedy rewrites are *more* likely than samples (φ > 0): not flagged."""
@@ -423,83 +484,260 @@ def ddt_reading(s: dict) -> str:
                "and the β = 0 rewrites."))
 
 
-def reading(ddt: dict, results: dict, scale: Scale) -> list[str]:
+# (model, compared with): McNemar on the same questions. The first shows whether the task
+# teaches anything at all; the rest are the paper's claim 2.
+COMPARISONS = (("sft", "base"), ("dft", "sft"), ("idft", "sft"), ("hd_sft", "sft"), ("hd_idft", "sft"),
+               ("hd_idft", "hd_sft"))
+SPLIT_TITLES = {"test": "test (trained templates)", "heldout": "held-out templates"}
+LEARNING_SHOWS = 0.10  # SFT must beat the base by this much on test for the comparisons to mean something
+
+
+def paired_tests(final: dict) -> list[dict]:
+    tests = []
+    for a, b in COMPARISONS:
+        if not all(name in final and "test" in final[name] for name in (a, b)):
+            continue
+        for split in ("test", "heldout"):
+            tests.append({"a": a, "b": b, "split": split,
+                          **evaluation.paired_comparison(final[a][split]["verdicts"], final[b][split]["verdicts"])})
+    return tests
+
+
+def paired_table(tests: list[dict]) -> list[str]:
+    lines = ["| A vs B | questions | A − B | only A right | only B right | exact McNemar p | detectable (80% power) |",
+             "|---|---|---|---|---|---|---|"]
+    for t in tests:
+        lines.append(f"| {t['a']} vs {t['b']} | {SPLIT_TITLES[t['split']]}, {t['n']} | {100 * t['difference']:+.1f} "
+                     f"pts | {t['only_a']} | {t['only_b']} | {t['p_value']:.3g} | "
+                     f"{f(t['detectable_difference'] and 100 * t['detectable_difference'], '.1f')} pts |")
+    return lines
+
+
+def grid_table(validation: dict, chosen: dict[str, str], dynamics: dict) -> list[str]:
+    lines = ["| run | loss | data | lr | validation accuracy [95% CI] | KL(base ‖ model) | training φ: first → last "
+             "step | training entropy: first → last step | chosen |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in validation.items():
+        if name == "base":
+            continue
+        if "skipped" in r:
+            lines.append(f"| {name} | {r['loss']} | {r['data']} | {r['lr']:g} | skipped: {r['skipped']} | | | | |")
+            continue
+        d = dynamics.get(name, {})
+        phi, ent = d.get("phi_mean", [(0, None)]), d.get("entropy_mean", [(0, None)])
+        lines.append(f"| {name} | {r['loss']} | {r['data']} | {r['lr']:g} | {acc(r['validation'])} | "
+                     f"{r['kl_from_base']:.4f} | {f(phi[0][1], '+.3f')} → {f(phi[-1][1], '+.3f')} | "
+                     f"{f(ent[0][1], '.3f')} → {f(ent[-1][1], '.3f')} | "
+                     f"{'✓' if name in chosen.values() else ''} |")
+    return lines
+
+
+def final_table(final: dict, validation: dict) -> list[str]:
+    lines = ["| model | lr | test accuracy [95% CI] | held-out accuracy [95% CI] | test NLL | held-out NLL "
+             "| KL(base ‖ model) | φ of its training data: base → after | test answers at length limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = final["base"]
+    for name, r in final.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | | skipped: {r['skipped']} | | | | | | |")
+            continue
+        phi = "–"
+        if name != "base":
+            before = base["train_data_phi"].get(r["data"], {}).get("phi_token_mean")
+            after = r["train_data_phi"].get(r["data"], {}).get("phi_token_mean")
+            phi = f"{f(before, '+.3f')} → {f(after, '+.3f')}"
+        lines.append(f"| {name} | {f(r.get('lr'), 'g')} | {acc(r['test'])} | {acc(r['heldout'])} "
+                     f"| {r['test']['reference']['nll_token_mean']:.3f} | {r['heldout']['reference']['nll_token_mean']:.3f} "
+                     f"| {validation[r.get('run', name)]['kl_from_base']:.4f} | {phi} | "
+                     f"{r['test']['length_limit_share']:.2f} |")
+    return lines
+
+
+def training_dynamics(runs: dict) -> dict[str, dict]:
+    """{run: {"phi_mean": [(step, value)], "entropy_mean": [...]}} from each run's metrics.jsonl."""
+    return {name: train.curves(train.read_metrics(Path(r["run_dir"]))) for name, r in runs.items()
+            if "run_dir" in r}
+
+
+LOSS_COLORS = {"sft": "tab:blue", "dft": "tab:orange", "idft": "tab:green"}
+
+
+def plot_frontier(validation: dict, chosen: dict[str, str], path: Path):
+    """Validation accuracy against drift: one point per loss × rate (a line joins a loss's rates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = validation["base"]["validation"]
+    ax.errorbar([0.0], [base["accuracy"]], yerr=[[base["accuracy"] - base["ci95"][0]], [base["ci95"][1] - base["accuracy"]]],
+                fmt="k*", markersize=12, capsize=3, label="base")
+    for loss in GRID_LOSSES:
+        pts = sorted((r["lr"], r["kl_from_base"], r["validation"], name) for name, r in validation.items()
+                     if name != "base" and r.get("data") == "train" and r["loss"] == loss and "validation" in r)
+        if not pts:
+            continue
+        x, y = [p[1] for p in pts], [p[2]["accuracy"] for p in pts]
+        err = [[a - p[2]["ci95"][0] for a, p in zip(y, pts)], [p[2]["ci95"][1] - a for a, p in zip(y, pts)]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", color=LOSS_COLORS[loss], capsize=3, alpha=0.85, label=loss)
+        for lr, kl, v, name in pts:
+            ax.annotate(f"{lr:g}", (kl, v["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            if name in chosen.values():
+                ax.plot([kl], [v["accuracy"]], "o", markersize=14, markerfacecolor="none", color=LOSS_COLORS[loss])
+    for name, r in validation.items():
+        if r.get("data") == "hd" and "validation" in r:
+            ax.plot([r["kl_from_base"]], [r["validation"]["accuracy"]], "D", color=LOSS_COLORS[r["loss"]],
+                    markeredgecolor="black", label=f"{name} (lr {r['lr']:g})")
+    ax.set(xlabel="drift: mean per-token KL(base ‖ model) on everyday prompts",
+           ylabel="validation accuracy (95% Wilson CI)",
+           title="In-domain accuracy against drift (labels: learning rate; circled: chosen)")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_dynamics(dynamics: dict, runs: dict, path: Path):
+    """Mean φ and mean entropy H of each step's training tokens, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({r["lr"] for r in runs.values()})
+    styles = [":", "--", "-", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, series in dynamics.items():
+        r = runs[name]
+        style = dict(color=LOSS_COLORS[r["loss"]], linestyle=styles[rates.index(r["lr"]) % len(styles)],
+                     linewidth=2.4 if r["data"] == "hd" else 1.4, alpha=0.55 if r["data"] == "hd" else 0.9)
+        for ax, key in zip(axes, ("phi_mean", "entropy_mean")):
+            if key in series:
+                ax.plot([s for s, _ in series[key]], [v for _, v in series[key]], label=name, **style)
+    axes[0].set(xlabel="step", ylabel="mean φ_t of the step's tokens", title="φ of the training batches")
+    axes[1].set(xlabel="step", ylabel="mean H_t (nats)", title="Entropy of the model on the training batches")
+    axes[0].axhline(0.0, color="gray", linewidth=0.8)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def verdict(t: dict) -> str:
+    if t["p_value"] < 0.05:
+        return f"**{t['a']} {'better' if t['difference'] > 0 else 'worse'}** (p = {t['p_value']:.3g})"
+    detectable = t["detectable_difference"]
+    return (f"no difference detected (p = {t['p_value']:.2f}; this comparison detects about "
+            f"{f(detectable and 100 * detectable, '.0f')} points with 80% power)")
+
+
+def reading(ddt: dict, hd: dict, chosen: dict, validation: dict, final: dict, tests: list[dict], dynamics: dict,
+            scale: Scale) -> list[str]:
     """Which claims the numbers support, stated by rules on the numbers (not typed by hand)."""
     out = [ddt_reading(ddt["summary"])]
-    trained = {k: v for k, v in results.items() if k != "base" and "skipped" not in v}
-    if "sft" in trained and "idft" in trained:
-        sft, idft = trained["sft"], trained["idft"]
-        for split, title in (("test", "test split"), ("heldout", "held-out templates")):
-            a, b = idft[split], sft[split]
-            verdict = ("the 95% intervals overlap: **no difference can be claimed** at this sample size"
-                       if overlap(a, b) else ("IDFT is **better**" if a["accuracy"] > b["accuracy"] else
-                                              "IDFT is **worse**"))
-            out.append(f"- **IDFT vs SFT, accuracy on the {title}:** {a['accuracy']:.3f} vs {b['accuracy']:.3f}; "
-                       f"{verdict}.")
-        kl = (idft["kl_from_base"], sft["kl_from_base"])
-        out.append(f"- **Forgetting (drift from the base on everyday prompts):** KL {kl[0]:.4f} (IDFT) vs {kl[1]:.4f} "
-                   f"(SFT): IDFT drifts {'less' if kl[0] < kl[1] else 'more'}, "
-                   + ("as the paper claims." if kl[0] < kl[1] else "against the paper's claim."))
-    if trained:
-        base_nll = results["base"]["test"]["reference"]["nll_token_mean"]
-        nll = {k: v["test"]["reference"]["nll_token_mean"] for k, v in trained.items()}
-        lower, higher = [k for k in nll if nll[k] < base_nll], [k for k in nll if nll[k] >= base_nll]
-        out.append(f"- **Likelihood of the test answers** (NLL per token, base {base_nll:.3f}): lower after "
-                   + (", ".join(f"{k} ({nll[k]:.3f})" for k in lower) or "none") + "; higher after "
-                   + (", ".join(f"{k} ({nll[k]:.3f})" for k in higher) or "none") + "."
-                   + (" The p^γ-weighted losses train mostly the tokens the model already predicts; the tokens it "
-                      "does not predict lose probability, which raises the average NLL — at this learning rate "
-                      f"({scale.lr:g}) and budget that effect dominates."
-                      if any(RUNS[k][0] != "sft" for k in higher) else "")
-                   + (" The hd_ runs learn from the model's own rewrites, not from reference-style answers, so "
-                      "their likelihood of the references need not rise." if any(RUNS[k][1] == "hd" for k in higher)
-                      else ""))
-    if "hd_sft" in trained and "sft" in trained:
-        a, b = trained["hd_sft"]["heldout"], trained["sft"]["heldout"]
-        out.append(f"- **Hinted-decoding data (HD+SFT vs SFT), held-out accuracy:** {a['accuracy']:.3f} vs "
-                   f"{b['accuracy']:.3f}; " + ("intervals overlap, no difference can be claimed." if overlap(a, b)
-                                               else "a difference outside the intervals."))
-    else:
-        out.append("- **Hinted-decoding data:** too few verified rewrites to train on at this scale (see the hd row).")
-    base_acc = results["base"]["test"]["accuracy"]
-    out.append(f"- **Scale.** The base model answers {base_acc:.3f} of the test questions; with a 135M model, "
-               f"{scale.steps} training steps and "
-               f"{results['base']['test']['n']} test questions, accuracy differences of a few points are within "
-               "noise — the paper's gains were measured with 1.5B–7B models trained on about 100k examples.")
+    if hd["tried"]:
+        phi = hd["phi"]["hinted"]
+        out.append(f"- **Hinted-decoding data.** {hd['on_policy'] + hd['hinted']} of {hd['tried']} problems verified "
+                   f"(yield {hd['yield']:.2f}: {hd['on_policy']} own answers, {hd['hinted']} hinted rewrites); the "
+                   f"kept rewrites have average φ {f(phi['response'], '+.3f')} under the base, their references "
+                   f"{f(phi['reference'], '+.3f')}.")
+    by = {(t["a"], t["b"], t["split"]): t for t in tests}
+    if (learned := by.get(("sft", "base", "test"))) is not None:
+        shows = learned["difference"] >= LEARNING_SHOWS
+        out.append(f"- **Does the task teach?** SFT − base on test: {100 * learned['difference']:+.1f} points "
+                   f"(p = {learned['p_value']:.2g}); " + (
+                       f"at least {100 * LEARNING_SHOWS:.0f} points: the methods have room to differ." if shows else
+                       f"under {100 * LEARNING_SHOWS:.0f} points: the design is too weak to compare methods."))
+    rates = ", ".join(f"{loss} {validation[name]['lr']:g}" for loss, name in chosen.items())
+    edge = [loss for loss, name in chosen.items()
+            if validation[name]["lr"] in (min(scale.learning_rates), max(scale.learning_rates))]
+    out.append(f"- **Learning rates chosen on validation:** {rates}."
+               + (f" For {', '.join(edge)} the best rate is at the edge of the grid: a rate outside it might do "
+                  "better." if edge else ""))
+    for a, b in COMPARISONS[1:]:
+        pair = [by[(a, b, s)] for s in ("test", "heldout") if (a, b, s) in by]
+        if pair:
+            out.append(f"- **{a} vs {b}:** " + "; ".join(
+                f"{SPLIT_TITLES[t['split']]} {100 * t['difference']:+.1f} points, {verdict(t)}" for t in pair) + ".")
+    if "sft" in chosen and "idft" in chosen:
+        sft, idft = validation[chosen["sft"]], validation[chosen["idft"]]
+        dominating = [name for name, r in validation.items() if r.get("loss") == "idft" and r.get("data") == "train"
+                      and r["validation"]["accuracy"] >= sft["validation"]["accuracy"]
+                      and r["kl_from_base"] < sft["kl_from_base"]]
+        out.append(f"- **Forgetting (drift from the base on everyday prompts):** KL {idft['kl_from_base']:.4f} (IDFT "
+                   f"at its rate) vs {sft['kl_from_base']:.4f} (SFT at its rate). On the frontier, "
+                   + (f"{', '.join(dominating)} reach SFT's validation accuracy with less drift, as the paper claims."
+                      if dominating else "no IDFT rate reaches SFT's validation accuracy with less drift: the paper's "
+                      "claim of both at once is not seen here."))
+    collapsed = [name for name, d in dynamics.items() if "entropy_mean" in d
+                 and d["entropy_mean"][-1][1] < 0.5 * d["entropy_mean"][0][1]]
+    out.append("- **Dynamics:** " + (f"the entropy of the model on its training batches falls below half its first "
+                                     f"value in {', '.join(collapsed)}." if collapsed else
+                                     "no run halves the entropy of its training batches."))
+    if tests:
+        n = min(t["n"] for t in tests)
+        typical = sorted(t["detectable_difference"] for t in tests if t["detectable_difference"])
+        if typical:
+            out.append(f"- **Power.** {n} paired questions per split; with the disagreement rates seen here the "
+                       f"comparisons detect differences of {100 * typical[0]:.0f}–{100 * typical[-1]:.0f} points "
+                       "with 80% power at two-sided 5%. Smaller true differences, like most of the paper's, go "
+                       "undetected at this size.")
     return out
 
 
-def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: Path, results: dict, argv: list[str],
-           device: str) -> str:
-    hd_records = read_log(hd, "hinted_decode.py")[0] + read_log(hinted_decode.failed_path(hd), "hinted_decode.py")[0]
-    sources = {k: sum(r["source"] == k for r in hd_records) for k in ("on_policy", "hinted", "failed")}
-    trained = [r for r in results.values() if "kl_from_base" in r]
-    evaluation.bar_chart([{"name": n, **r["test"], "kl_from_base": {"kl_token_mean": r["kl_from_base"]}}
-                          for n, r in results.items() if "kl_from_base" in r], out / "accuracy_test.png")
-    evaluation.bar_chart([{"name": n, **r["heldout"]} for n, r in results.items() if "kl_from_base" in r],
+def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: dict, grid: dict, chosen: dict, hd_runs: dict,
+           validation: dict, final: dict, timings: dict, argv: list[str], device: str) -> str:
+    runs = {**grid, **hd_runs}
+    dynamics = training_dynamics(runs)
+    tests = paired_tests(final)
+    plot_frontier(validation, chosen, out / "frontier.png")
+    plot_dynamics(dynamics, runs, out / "dynamics.png")
+    evaluation.bar_chart([{"name": n, **r["test"],
+                           "kl_from_base": {"kl_token_mean": validation[r.get("run", n)]["kl_from_base"]}}
+                          for n, r in final.items() if "test" in r], out / "accuracy_test.png")
+    evaluation.bar_chart([{"name": n, **r["heldout"]} for n, r in final.items() if "heldout" in r],
                          out / "accuracy_heldout.png")
     hardware = (torch.cuda.get_device_name(0) if device.startswith("cuda")
                 else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
+    templates = ("all not held out" if scale.train_templates is None else
+                 f"{len(scale.train_templates)} ({', '.join(map(str, scale.train_templates))})")
+    heldout = (f"{scale.heldout_templates} drawn at random" if isinstance(scale.heldout_templates, int) else
+               f"{len(scale.heldout_templates)} ({', '.join(map(str, scale.heldout_templates))})")
+    stage_times = " · ".join(f"{stage} {seconds / 60:.1f}" for stage, seconds in timings.items())
     lines = [f"### Scale `{scale_name}`", "",
              f"Command: `python scripts/reproduce.py {shlex.join(argv)}` · seed {SEED} · {hardware} · "
              f"torch {torch.__version__} · report written {time.strftime('%Y-%m-%d %H:%M')}  ",
-             f"Scale: {scale.n_train} train / {scale.n_test} test / {scale.n_heldout} held-out-template questions, "
-             f"{scale.steps} steps × {scale.batch_size} sequences, answers up to {scale.max_new_tokens} tokens, "
-             f"drift on {scale.n_general} everyday prompts. Hinted-decoding data: {sources['on_policy']} own "
-             f"answers verified, {sources['hinted']} hinted rewrites verified, {sources['failed']} failed.", "",
+             f"Data: gsm_symbolic templates {templates} for train ({scale.n_train}), validation "
+             f"({scale.n_validation}) and test ({scale.n_test}); held-out templates {heldout} ({scale.n_heldout}). "
+             f"Training: {scale.steps} steps × {scale.batch_size} sequences, learning rates "
+             f"{', '.join(f'{lr:g}' for lr in scale.learning_rates)} (warmup 5%, cosine decay). Answers up to "
+             f"{scale.max_new_tokens} tokens, greedy; drift on {scale.n_general} everyday prompts.  ",
+             f"Minutes per stage (all reruns added up): {stage_times}; total {sum(timings.values()) / 60:.0f}.", "",
              f"**Claim 1 (DDT)** — {scale.n_ddt} train problems, φ under the plain prompt:", "",
              *ddt_table(ddt), "", "![φ per source](ddt.png)", "",
-             "**Claim 2 (IDFT)** — NLL: mean per-token negative log-likelihood of the reference answers; KL: mean "
-             "per-token KL(base ‖ model) on the base's own answers to everyday prompts; φ of the training data "
-             "(mean per token) under the base and under the trained model:", "",
-             *idft_table(results), "", "![accuracy, test](accuracy_test.png) ![accuracy, held-out]"
-             "(accuracy_heldout.png)", "", "**Reading** (generated from the numbers above):", "",
-             *reading(ddt, results, scale), ""]
+             "**Claim 2 (IDFT)** — every run, its validation accuracy and drift (KL: mean per-token KL(base ‖ model) "
+             "on the base's own answers to everyday prompts), and the φ and entropy of its training batches "
+             "(train.py's metrics, first and last step):", "",
+             *grid_table(validation, chosen, dynamics), "",
+             "![frontier](frontier.png) ![dynamics](dynamics.png)", "",
+             "Each loss at its chosen rate, and the hd runs, on the test split and the held-out templates (NLL: "
+             f"mean per-token negative log-likelihood of the first {scale.n_phi} reference answers; φ of the "
+             "training data, mean per token, under the base and under the trained model):", "",
+             *final_table(final, validation), "",
+             "Paired comparisons on the same questions (exact McNemar; detectable: the difference this comparison "
+             "finds with 80% power at two-sided 5%, given how often the two models disagree):", "",
+             *paired_table(tests), "",
+             "![accuracy, test](accuracy_test.png) ![accuracy, held-out](accuracy_heldout.png)", "",
+             "**Reading** (generated from the numbers above):", "",
+             *reading(ddt, hd, chosen, validation, final, tests, dynamics, scale), ""]
     text = "\n".join(lines)
     atomic_write(out / "results.md", text)
-    summary = {"scale": scale_name, "settings": asdict(scale), "ddt": ddt["summary"], "hd_sources": sources,
-               "models": {n: {k: v for k, v in r.items() if k != "settings"} for n, r in results.items()},
-               "command": argv, "n_trained": len(trained)}
+    strip = lambda r: {k: v for k, v in r.items() if k != "settings"}
+    summary = {"scale": scale_name, "settings": scale_settings(scale), "ddt": ddt["summary"], "hd": hd, "chosen": chosen,
+               "validation": {n: strip(r) for n, r in validation.items()},
+               "final": {n: strip(r) for n, r in final.items()}, "paired_tests": tests,
+               "minutes_per_stage": {k: v / 60 for k, v in timings.items()}, "command": argv}
     atomic_write(out / "results.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return text
 
@@ -519,7 +757,7 @@ def update_readme(results_root: Path):
 
 def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--scale", choices=SCALES, required=True, help="smoke (minutes), cpu (~2 h on 2 cores), gpu")
     ap.add_argument("--model", default=BUNDLED_NAME, help="base model (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--out", default=None, help="results directory (default: results/<scale>; the README's "
@@ -549,13 +787,33 @@ def run(args, argv: list[str], scale: Scale, out: Path) -> int:
     """Every stage in order (each one reused, resumed or redone), then the report."""
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
+    timings = Timings(out / "timings.json")
     base_dir = resolve_model_dir(args.model).resolve()
-    files = make_data(out, scale)
-    ddt = ddt_stage(out, base_dir, files["train"], scale, args.device)
-    files["hd"] = hd_stage(out, str(base_dir), files["train"], scale, args.device)
-    models = {"base": {"checkpoint": str(base_dir)}, **train_stage(out, str(base_dir), files, scale)}
-    results = eval_stage(out, base_dir, models, files, scale, args.device)
-    text = report(out, args.scale, scale, ddt, files["hd"], results, argv, args.device)
+    model = str(base_dir)
+
+    def stage(name, fn, *fn_args):
+        t0 = time.time()
+        result = fn(*fn_args)
+        timings.add(name, time.time() - t0)
+        return result
+
+    files = stage("data", make_data, out, scale)
+    ddt = stage("ddt", ddt_stage, out, base_dir, files["train"], scale, args.device)
+    files["hd"] = stage("hd", hd_stage, out, model, files["train"], scale, args.device)
+    grid = stage("grid", grid_stage, out, model, files["train"], scale)
+    evaluator = Evaluator(out, base_dir, files, scale, args.device)
+    base = {"checkpoint": model}
+    validation = stage("select", lambda: {name: evaluator.run(name, info, "validation")
+                                          for name, info in {"base": base, **grid}.items()})
+    chosen = choose_rates(validation)
+    hd_runs = stage("hd_train", hd_train_stage, out, model, files["hd"], grid, chosen, scale)
+    validation.update(stage("hd_validation", lambda: {name: evaluator.run(name, info, "validation")
+                                                      for name, info in hd_runs.items()}))
+    finalists = {"base": base, **{loss: {**grid[name], "run": name} for loss, name in chosen.items()}, **hd_runs}
+    final = stage("final", lambda: {name: evaluator.run(info.get("run", name), info, "final")
+                                    for name, info in finalists.items()})
+    text = report(out, args.scale, scale, ddt, hd_summary(files["hd"]), grid, chosen, hd_runs, validation, final,
+                  timings.seconds, argv, args.device)
     if args.out is None:
         update_readme(out.parent)
     print(text)

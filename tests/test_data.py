@@ -355,3 +355,26 @@ def test_replace_marked_block_keeps_the_hand_written_rest(tmp_path):
         with pytest.raises(UserError, match="expected one '<!-- x:begin -->' line"):
             replace_marked_block(readme, "x", "new")
         assert readme.read_text() == broken
+
+
+def test_make_gsm8k_chosen_templates_and_validation_split(tmp_path, make_gsm8k, capsys):
+    args = ["--out-dir", str(tmp_path), "--templates", "26,43,58", "--heldout-templates", "75,39",
+            "--n-train", "30", "--n-validation", "12", "--n-test", "12", "--n-heldout", "10"]
+    assert make_gsm8k.main(args) == 0
+    splits = {s: read_jsonl(tmp_path / f"{s}.jsonl") for s in ("train", "validation", "test", "heldout")}
+    assert {s: len(rows) for s, rows in splits.items()} == {"train": 30, "validation": 12, "test": 12, "heldout": 10}
+    for s in ("train", "validation", "test"):
+        assert {r["template"] for r in splits[s]} == {26, 43, 58}
+    assert {r["template"] for r in splits["heldout"]} == {39, 75}
+    questions = [r["question"] for rows in splits.values() for r in rows]
+    assert len(set(questions)) == len(questions)  # validation shares no question with train or test
+    # without --n-validation the other splits are those of a run that never had one
+    assert make_gsm8k.main(args[:8] + args[10:] + ["--out-dir", str(tmp_path / "b")]) == 0
+    assert not (tmp_path / "b" / "validation.jsonl").exists()
+    assert (tmp_path / "b" / "train.jsonl").read_bytes() == (tmp_path / "train.jsonl").read_bytes()
+    capsys.readouterr()
+    for bad, flag in ((["--templates", "26,26"], "--templates"), (["--templates", "26,3000"], "--templates"),
+                      (["--templates", "26,43", "--heldout-templates", "43,75"], "both trained on and held out")):
+        assert make_gsm8k.main(["--out-dir", str(tmp_path / "c")] + bad) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())

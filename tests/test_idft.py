@@ -257,22 +257,27 @@ def test_stats_match_numpy():
     assert "gamma_mean" not in idft.token_loss_sum("dft", logits, targets, mask)[2]
 
 
-def test_return_tokens_gives_the_valid_tokens_phi_and_gamma():
+def test_return_tokens_gives_the_valid_tokens_phi_gamma_and_entropy():
     hidden, weight = torch.randn(3, 6, 8), torch.randn(40, 8)
     _, targets, mask = make_batch(seed=8)
     logits = hidden @ weight.T
+    p64 = torch.softmax(logits.double(), -1)
+    entropy64 = -(p64 * p64.log()).sum(-1)[mask.bool()]  # H_t of the valid tokens, in float64
     for method in ("dft", "idft"):
-        _, _, (phi, gamma) = idft.token_loss_sum(method, logits, targets, mask, return_tokens=True)
-        _, _, (lean_phi, lean_gamma) = idft.chunked_loss(method, hidden, weight, targets, mask, chunk_size=5,
-                                                                return_stats=False, return_tokens=True)
+        _, _, (phi, gamma, entropy) = idft.token_loss_sum(method, logits, targets, mask, return_tokens=True)
+        _, _, (lean_phi, lean_gamma, lean_entropy) = idft.chunked_loss(
+            method, hidden, weight, targets, mask, chunk_size=5, return_stats=False, return_tokens=True)
         stats = idft.token_loss_sum(method, logits, targets, mask)[2]
-        assert phi.shape == (int(mask.sum()),) and not phi.requires_grad
+        assert phi.shape == entropy.shape == (int(mask.sum()),) and not phi.requires_grad
         torch.testing.assert_close(lean_phi, phi)
+        torch.testing.assert_close(entropy.double(), entropy64, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lean_entropy, entropy)
         assert (gamma is None) == (lean_gamma is None) == (method == "dft")
         if gamma is not None:
             torch.testing.assert_close(lean_gamma, gamma)
         # a trainer concatenates these over micro-batches and summarizes once per step
-        assert idft.loss_stats(phi, gamma) == stats
+        assert idft.loss_stats(phi, gamma, entropy=entropy) == stats
+        assert abs(stats["entropy_mean"] - entropy64.mean().item()) < 1e-5
 
 
 def test_bad_arguments_are_rejected():
