@@ -163,8 +163,12 @@ def detectable_difference(n: int, discordant_share: float) -> float | None:
     """Smallest accuracy difference δ a paired test on n questions detects with 80% power at
     two-sided 5%, given the share ψ of questions the two models disagree on:
     δ ≈ (z_0.975 + z_0.8) · sqrt(ψ / n) (normal approximation to McNemar's test). None when
-    the models never disagree: there is then nothing to base ψ on."""
-    return (Z95 + Z80) * math.sqrt(discordant_share / n) if n and discordant_share else None
+    no difference is detectable: δ ≥ ψ (the models disagree on too few questions for even a
+    one-sided split of them to be significant), or the models never disagree."""
+    if not n or not discordant_share:
+        return None
+    delta = (Z95 + Z80) * math.sqrt(discordant_share / n)
+    return delta if delta < discordant_share else None
 
 
 @dataclass

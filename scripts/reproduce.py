@@ -296,9 +296,13 @@ def hd_summary(hd: Path) -> dict:
     phi = {k: {"response": mean([r["phi"]["phi_mean"] for r in rows]),
                "reference": mean([r["phi_reference"]["phi_mean"] for r in rows]),
                "z": mean([r["phi"]["z"] for r in rows])} for k, rows in kept.items()}
+    failed = [r["response"] for r in records if r["source"] == "failed"]
+    commonest = max(set(failed), key=failed.count) if failed else None
     tried = len(records)
     return {"tried": tried, **counts, "yield": (counts["on_policy"] + counts["hinted"]) / tried if tried else None,
-            "phi": phi}
+            "phi": phi, "failed_no_answer": sum(r["source"] == "failed" and r["predicted_answer"] is None
+                                                for r in records),
+            "commonest_failure": commonest, "commonest_failure_count": failed.count(commonest)}
 
 
 # ---- Stages: training (the grid, then the hd runs) ----------------------------------------------
@@ -627,9 +631,11 @@ def plot_dynamics(dynamics: dict, runs: dict, path: Path):
 def verdict(t: dict) -> str:
     if t["p_value"] < 0.05:
         return f"**{t['a']} {'better' if t['difference'] > 0 else 'worse'}** (p = {t['p_value']:.3g})"
-    detectable = t["detectable_difference"]
+    if t["detectable_difference"] is None:
+        return ("no difference detected (the two models answer every question alike)" if not t["only_a"] + t["only_b"]
+                else f"no difference detectable: the two models disagree on {t['only_a'] + t['only_b']} questions only")
     return (f"no difference detected (p = {t['p_value']:.2f}; this comparison detects about "
-            f"{f(detectable and 100 * detectable, '.0f')} points with 80% power)")
+            f"{100 * t['detectable_difference']:.0f} points with 80% power)")
 
 
 def reading(ddt: dict, hd: dict, chosen: dict, validation: dict, final: dict, tests: list[dict], dynamics: dict,
@@ -641,14 +647,19 @@ def reading(ddt: dict, hd: dict, chosen: dict, validation: dict, final: dict, te
         out.append(f"- **Hinted-decoding data.** {hd['on_policy'] + hd['hinted']} of {hd['tried']} problems verified "
                    f"(yield {hd['yield']:.2f}: {hd['on_policy']} own answers, {hd['hinted']} hinted rewrites); the "
                    f"kept rewrites have average φ {f(phi['response'], '+.3f')} under the base, their references "
-                   f"{f(phi['reference'], '+.3f')}.")
+                   f"{f(phi['reference'], '+.3f')}."
+                   + (f" Of the {hd['failed']} failures {hd['failed_no_answer']} give no answer at all; the "
+                      f"commonest failed response ({hd['commonest_failure_count']}×) is "
+                      f"{json.dumps(hd['commonest_failure'][:80], ensure_ascii=False)}." if hd["failed"] else ""))
     by = {(t["a"], t["b"], t["split"]): t for t in tests}
     if (learned := by.get(("sft", "base", "test"))) is not None:
         shows = learned["difference"] >= LEARNING_SHOWS
         out.append(f"- **Does the task teach?** SFT − base on test: {100 * learned['difference']:+.1f} points "
                    f"(p = {learned['p_value']:.2g}); " + (
                        f"at least {100 * LEARNING_SHOWS:.0f} points: the methods have room to differ." if shows else
-                       f"under {100 * LEARNING_SHOWS:.0f} points: the design is too weak to compare methods."))
+                       f"under {100 * LEARNING_SHOWS:.0f} points: the design is too weak to compare methods.")
+                   + (f" On the held-out templates: {100 * general['difference']:+.1f} points, {verdict(general)}."
+                      if (general := by.get(("sft", "base", "heldout"))) else ""))
     rates = ", ".join(f"{loss} {validation[name]['lr']:g}" for loss, name in chosen.items())
     edge = [loss for loss, name in chosen.items()
             if validation[name]["lr"] in (min(scale.learning_rates), max(scale.learning_rates))]
@@ -674,15 +685,19 @@ def reading(ddt: dict, hd: dict, chosen: dict, validation: dict, final: dict, te
                  and d["entropy_mean"][-1][1] < 0.5 * d["entropy_mean"][0][1]]
     out.append("- **Dynamics:** " + (f"the entropy of the model on its training batches falls below half its first "
                                      f"value in {', '.join(collapsed)}." if collapsed else
-                                     "no run halves the entropy of its training batches."))
+                                     "no run halves the entropy of its training batches.")
+               + " Fitting reference answers that leave little choice lowers this entropy whatever the loss; what "
+                 "sharpening costs elsewhere is the drift KL on everyday prompts.")
     if tests:
         n = min(t["n"] for t in tests)
         typical = sorted(t["detectable_difference"] for t in tests if t["detectable_difference"])
         if typical:
             out.append(f"- **Power.** {n} paired questions per split; with the disagreement rates seen here the "
                        f"comparisons detect differences of {100 * typical[0]:.0f}–{100 * typical[-1]:.0f} points "
-                       "with 80% power at two-sided 5%. Smaller true differences, like most of the paper's, go "
-                       "undetected at this size.")
+                       "with 80% power at two-sided 5%"
+                       + (f" ({len(tests) - len(typical)} comparisons: none, too few disagreements)"
+                          if len(typical) < len(tests) else "")
+                       + ". Smaller true differences, like most of the paper's, go undetected at this size.")
     return out
 
 

@@ -134,6 +134,8 @@ def test_paired_comparison_counts_and_power():
     assert (got["n"], got["only_a"], got["only_b"]) == (8, 3, 1) and got["difference"] == pytest.approx(2 / 8)
     assert got["p_value"] == ev.mcnemar_p_value(3, 1)
     assert ev.paired_comparison(a, a)["detectable_difference"] is None  # never disagree: no basis for ψ
+    # 5 disagreements in 300: even 5 to 0 has p = 1/16 > 0.05, so nothing is detectable
+    assert ev.detectable_difference(300, 5 / 300) is None and ev.mcnemar_p_value(5, 0) > 0.05
     with pytest.raises(ValueError, match="not the same questions"):
         ev.paired_comparison(a, b[:-1])
     # the stated detectable difference is detected about 80% of the time (simulated exact tests)
