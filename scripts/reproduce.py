@@ -167,11 +167,6 @@ def examples_in(path: Path) -> list[Example]:
     return load_examples(path) if path.stat().st_size else []
 
 
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 def scale_settings(scale: Scale) -> dict:
     """The scale as its saved settings read back (tuples become lists in JSON)."""
     return json.loads(json.dumps(asdict(scale)))
@@ -237,11 +232,11 @@ def ddt_stage(out: Path, model_dir: Path, train_file: Path, scale: Scale, device
         token_phi[name] = [phi for s in scores for phi in s.pop("phi_tokens")]
         summary[name] = {
             "label": DDT_SOURCES[name], "n": len(scores),
-            **{key: mean([s[key] for s in scores]) for key in hinted_decode.PHI_KEYS},
-            "share_flagged_p05": mean([s["p_value"] < 0.05 for s in scores if s["p_value"] is not None]),
-            "answer_correct": mean([answers_match(extract_answer(text), ex.answer)
-                                    for ex, (text, _, _) in zip(examples, rows)]),
-            "ended_with_eos": mean([finish in ("eos", "reference") for _, finish, _ in rows]),
+            **{key: evaluation.mean([s[key] for s in scores]) for key in hinted_decode.PHI_KEYS},
+            "share_flagged_p05": evaluation.mean([s["p_value"] < 0.05 for s in scores if s["p_value"] is not None]),
+            "answer_correct": evaluation.mean([answers_match(extract_answer(text), ex.answer)
+                                               for ex, (text, _, _) in zip(examples, rows)]),
+            "ended_with_eos": evaluation.mean([finish in ("eos", "reference") for _, finish, _ in rows]),
         }
     plot_ddt(token_phi, summary, out / "ddt.png")
     example = {name: rows[0][0] for name, rows in responses.items()}
@@ -293,9 +288,9 @@ def hd_summary(hd: Path) -> dict:
     counts = {k: sum(r["source"] == k for r in records) for k in ("on_policy", "hinted", "failed")}
     kept = {k: [r for r in records if r["source"] == k and r["phi"] and r["phi_reference"]]
             for k in ("on_policy", "hinted")}
-    phi = {k: {"response": mean([r["phi"]["phi_mean"] for r in rows]),
-               "reference": mean([r["phi_reference"]["phi_mean"] for r in rows]),
-               "z": mean([r["phi"]["z"] for r in rows])} for k, rows in kept.items()}
+    phi = {k: {"response": evaluation.mean([r["phi"]["phi_mean"] for r in rows]),
+               "reference": evaluation.mean([r["phi_reference"]["phi_mean"] for r in rows]),
+               "z": evaluation.mean([r["phi"]["z"] for r in rows])} for k, rows in kept.items()}
     failed = [r["response"] for r in records if r["source"] == "failed"]
     commonest = max(set(failed), key=failed.count) if failed else None
     tried = len(records)

@@ -302,11 +302,19 @@ def test_extending_hinted_output_with_other_settings_is_refused(tiny_model_dir, 
 # ---- 5. torn metrics line; 6. eval loss drawn --------------------------------------------------
 
 
-def test_torn_metrics_line_is_dropped_on_resume_and_plot_tolerates_it(tiny_model_dir, tmp_path, capsys):
+def straight_and_saved_runs(tiny_model_dir, tmp_path, save_every):
+    """Two 3-step runs on the same data: tmp_path/straight, and tmp_path/run with every
+    checkpoint kept (to damage, then resume). Returns (data, run directory)."""
     data = write_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     assert train.main(train_args(tiny_model_dir, data, tmp_path / "straight", max_steps=3)) == 0
-    assert train.main(train_args(tiny_model_dir, data, out, max_steps=3, save_every=2, keep_checkpoints=0)) == 0
+    assert train.main(train_args(tiny_model_dir, data, out, max_steps=3, save_every=save_every,
+                                 keep_checkpoints=0)) == 0
+    return data, out
+
+
+def test_torn_metrics_line_is_dropped_on_resume_and_plot_tolerates_it(tiny_model_dir, tmp_path, capsys):
+    data, out = straight_and_saved_runs(tiny_model_dir, tmp_path, save_every=2)
     # as if killed while appending step 3's line: its checkpoint never written, its line torn
     import shutil
     shutil.rmtree(out / "checkpoints" / "step-0000003")
@@ -367,10 +375,7 @@ def test_ctrl_c_is_one_line_and_exit_130(cli, tiny_model_dir, tmp_path, monkeypa
 def test_latest_pointing_at_a_deleted_checkpoint_falls_back(tiny_model_dir, tmp_path, capsys):
     import shutil
 
-    data = write_data(tmp_path / "d.jsonl")
-    out = tmp_path / "run"
-    assert train.main(train_args(tiny_model_dir, data, tmp_path / "straight", max_steps=3)) == 0
-    assert train.main(train_args(tiny_model_dir, data, out, max_steps=3, save_every=1, keep_checkpoints=0)) == 0
+    data, out = straight_and_saved_runs(tiny_model_dir, tmp_path, save_every=1)
     shutil.rmtree(out / "checkpoints" / "step-0000003")
     (out / "checkpoints" / "step-0000002" / "trainer_state.pt").unlink()  # an incomplete one is skipped too
     (out / "latest").write_text("checkpoints/step-0000003\n")
