@@ -1,89 +1,46 @@
-"""Hinted decoding: rewrite a reference solution into the model's own words (SPEC §4).
+"""Hinted decoding: rewrite a reference solution into the model's own words.
 
-One model, two prompts per example, decoded together token by token:
+One model, two prompts per example, decoded together token by token (docs/math.md, "Hinted
+decoding"):
 
-    hint stream   p_t = π_θ(· | hint prompt, y_<t)    the question, the reference solution and
-                  an instruction to solve the problem as if for the first time (HINT_TEMPLATE)
-    plain stream  q_t = π_θ(· | plain prompt, y_<t)   the question alone, as at training time
+    hint stream   p_t = π_θ(· | question + reference solution + "solve it yourself", y_<t)
+    plain stream  q_t = π_θ(· | question, y_<t)                the prompt training will use
 
-At every step, for the B examples still decoding (`hinted_generate`'s loop, in this order):
-
-    h_t = H(p_t) / log|V|                  normalized entropy of the hint stream, in [0, 1]
-                                           (ddt.entropy); |V| = the tokenizer's real vocabulary
-                                           (regular + special tokens), not the possibly padded
-                                           embedding rows, so h = 1 means "uniform over tokens"
-    λ_t = clamp(β · h_t, 0, 1)             mode "linear" (default)         `mixing_weight`
-        = σ(β · (h_t − c))                 mode "sigmoid", c = sigmoid_center
-        = 0 below h1, 1 above h2, linear   mode "piecewise", (h1, h2) = piecewise_bounds (β unused)
-    λ_t = 1 once the text so far contains the splitter (`\\boxed{`, or `####` for GSM8K): the
-          plain stream alone to the end, so the final answer is the model's own
-    λ_t = 0 for the first token: the hint stream alone
-    z_t = (1 − λ_t) log p_t + λ_t log q_t  the geometric mixture m ∝ p^(1−λ) q^λ in log space
-                                           (`log_mixture`)
-    y_t ~ z_t                              argmax at temperature 0, else top-p then temperature
-                                           (model.sample_next), appended to *both* streams
+    h_t = H(p_t) / log|V|                  the hint stream's normalized entropy, in [0, 1]
+    λ_mix,t = clamp(β_mix · h_t, 0, 1)     the plain stream's weight (`mixing_weight`; also
+                                           sigmoid and piecewise modes)
+    λ_mix,t = 0 for the first token, 1 once the text holds the splitter ('####', '\\boxed{')
+    z_t = (1 − λ_mix,t) log p_t + λ_mix,t log q_t      the geometric mixture (`log_mixture`)
+    y_t ~ z_t                              greedy, or top-p then temperature; appended to both
 
 Where the hint stream is sure (a number, a key step) it leads; where it hesitates (phrasing,
-connectives, length) the model's own plain stream leads. Stops (model.finish_reason, the rule
-`generate` uses too): a stop id, max_new_tokens, or some 30-token window seen 5 times (checked
-every 100 tokens). β = 0 in linear mode is the "self-distillation" baseline (pure hint stream).
+length) the model's own plain stream leads. `hinted_generate` runs both streams of B examples
+as the 2B rows of one batch through one copy of the weights, with a static KV cache.
 
-Unlike the authors' demo (two model copies, batch 1, two forwards per token, no KV cache, so
-every step recomputes the whole prefix), `hinted_generate` stacks the B hint rows and the B
-plain rows of a batch into one batch of 2B rows through one copy of the weights, with a static
-KV cache, left padding and per-row positions (model.KVCache): one forward per token for all
-rows. When a quarter of the examples still in the batch have finished, their rows are dropped
-from the batch and the cache. On CUDA the one-token forward is compiled with CUDA graphs
-(model.decode_step).
-
-The pipeline (`python hinted_decode.py --data FILE.jsonl --out OUT.jsonl`):
-  1. the model answers every question plainly; answers that verify are kept ("on_policy");
-  2. the failures are rewritten by hinted decoding (optionally after a greedy "# Analysis"
-  prefix, cut at the last "# CoT" header); 3. rewrites that verify are kept ("hinted"), the
-  others are recorded as "failed"; 4. each record carries the φ statistics (ddt.py: average
-  φ, z, shares of φ_t above −1/−3/−5) of the new response and of the reference, both scored
-  under the plain prompt exactly as training will tokenize them.
-"Verify" = the response ended with EOS and data.answers_match(data.extract_answer(response),
-gold), the one answer check eval.py uses too. Kept records go to OUT.jsonl, a valid --data
-file for train.py; failed ones to OUT.failed.jsonl. Records are appended and flushed one by
-one; a rerun skips the example ids already recorded, cuts off a torn last line left by a
-crash, and refuses files whose records are not examples of --data. The decoding settings (β,
-mode, --max-new-tokens, sampling, model, ...) are stored in OUT.settings.json before the first
-record, and an --out is only extended with the same ones. One run at a time per --out (an
-advisory lock, data.OutputLock). At the end both files are rewritten in --data order
-(`merge_outputs`). Sampling draws each example's tokens from its own generator, seeded from
---seed and the example's id (data.example_seed).
-
-Data parallel (`torchrun --nproc_per_node N hinted_decode.py --data ... --out ...`): rank r
-takes batches r, r + N, ... of --data (data.shard), decodes them on cuda:LOCAL_RANK (or the
-CPU) and appends to its own OUT.part-r-of-N.jsonl; once all ranks are done, rank 0 merges
-every file of --out into OUT.jsonl and OUT.failed.jsonl in --data order and removes the parts.
-The final files are the same, record for record, as a one-process run's. A resume with any
-number of processes skips every example recorded in any file of --out (final or part, of any
-earlier number of processes) and shares out the rest by the same rule. --out must be on a
-file system every node sees. Only rank 0 prints (its own progress bar: its share).
-`python hinted_decode.py` alone runs a demo on the bundled model.
+The pipeline (`python hinted_decode.py --data FILE.jsonl --out OUT.jsonl`): the model answers
+each question itself and verified answers are kept ("on_policy"); the failures are rewritten,
+and verified rewrites are kept ("hinted"); the rest go to OUT.failed.jsonl. Records are
+appended as they are made and a rerun continues (plumbing/records.py); torchrun shares the
+examples out. `python hinted_decode.py` alone runs a demo on the bundled model.
 """
 
 import argparse
-import glob
-import json
 import math
-import re
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from data import (ArgumentParser, Example, UserError, answers_match, append_record, atomic_write, changed_settings,
-                  check_input, check_output, drop_torn_tail, encode_example, example_seed, extract_answer, find_answer,
-                  fraction, load_examples, lock_output, nonnegative_float, nonnegative_int, positive_int, print_error,
-                  print_shares, probability, rank_device, read_log, shard, start_ranks)
+from data import Example, answers_match, encode_example, extract_answer, find_answer, load_examples
 from ddt import entropy, log_probs, score_examples
-from model import (CheckpointError, KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad,
-                   row_generators, sample_next, worth_compacting)
+from model import (KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad, row_generators,
+                   sample_next, worth_compacting)
+from plumbing.cli import (ArgumentParser, UserError, fraction, nonnegative_float, nonnegative_int, positive_int,
+                          probability, run_cli)
+from plumbing.files import check_input, check_output, lock_output
+from plumbing.ranks import example_seed, rank_device, start_ranks
+from plumbing.records import RecordLog
 
 MODES = ("linear", "sigmoid", "piecewise")
 PREFILL_ROWS = 16  # prompt rows run through the model at once: bounds the prefill's activations
@@ -113,25 +70,13 @@ HINT_TASK_ANALYSIS = (
 )
 SPLITTERS = {"####": "####", "boxed": "\\boxed{"}  # find_answer's rule -> the text that switches streams
 
-DEMO_QUESTION = (
-    "A baker makes 36 muffins in the morning and twice as many in the afternoon. She sells 50 "
-    "of them. How many muffins does she have left? Give the result as your final answer. "
-    "Do not include units."
-)
-DEMO_REFERENCE = (
-    "In the afternoon she makes 2 * 36 = 72 muffins.\n"
-    "Altogether she makes 36 + 72 = 108 muffins.\n"
-    "After selling 50 she has 108 - 50 = 58 muffins left.\n"
-    "#### 58"
-)
-
-
 # ---- The mixing rule ---------------------------------------------------------------------------
 
 
 def mixing_weight(h: torch.Tensor, beta: float, mode: str = "linear", sigmoid_center: float = 0.5,
                   piecewise_bounds: tuple[float, float] = (0.3, 0.7)) -> torch.Tensor:
-    """λ from the hint stream's normalized entropy h ([B] tensor): the weight of the plain stream."""
+    """λ_mix, the plain stream's weight, from the hint stream's normalized entropy h ([B]):
+    clamp(β_mix·h, 0, 1), σ(β_mix·(h − c)), or 0 below h1, 1 above h2 and linear between."""
     if mode == "linear":
         return (beta * h).clamp(0.0, 1.0)
     if mode == "sigmoid":
@@ -143,8 +88,8 @@ def mixing_weight(h: torch.Tensor, beta: float, mode: str = "linear", sigmoid_ce
 
 
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """z = (1 − λ) log p + λ log q per row ([B, |V|], λ [B]): the geometric mixture m ∝ p^(1−λ) q^λ
-    in log space (unnormalized; argmax, top-p and temperature do not need the constant)."""
+    """z = (1 − λ_mix) log p + λ_mix log q per row ([B, |V|], λ_mix [B]): the geometric mixture
+    ∝ p^(1−λ_mix) q^λ_mix in log space (unnormalized: argmax, top-p and temperature need no constant)."""
     return (1.0 - lam)[:, None] * log_p + lam[:, None] * log_q
 
 
@@ -221,9 +166,9 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     active = list(range(B))  # the example behind each row pair still in the batch
     for step in range(max_new_tokens):
         n = len(active)
-        log_p, p = log_probs(logits[:n])  # hint stream p_t
-        log_q, _ = log_probs(logits[n:])  # plain stream q_t
-        h = entropy(log_p, p) / log_vocab  # the hint stream's normalized entropy, in [0, 1]
+        log_p = log_probs(logits[:n])  # hint stream p_t
+        log_q = log_probs(logits[n:])  # plain stream q_t
+        h = entropy(log_p) / log_vocab  # the hint stream's normalized entropy, in [0, 1]
         lam = mixing_weight(h, beta, mode, sigmoid_center, piecewise_bounds)
         lam = torch.where(torch.tensor([switched[b] for b in active], device=device), 1.0, lam)
         if step == 0 and first_from_hint:
@@ -306,115 +251,6 @@ def phi_stats(model: Transformer, tokenizer, prompt: list[dict], response: str) 
     return {k: row[k] for k in PHI_KEYS}
 
 
-# ---- Output file: append-only, resumable -------------------------------------------------------
-
-
-def failed_path(out: Path) -> Path:
-    """Failed rewrites go next to --out (OUT.failed.jsonl), so --out holds only training data."""
-    return out.with_name(out.stem + ".failed" + (out.suffix or ".jsonl"))
-
-
-# The settings that shape the records, stored in OUT.settings.json before the first record: an
-# --out is only extended with the same ones. --data is checked record by record (check_resume);
-# --limit, --batch-size, --device and --quiet may change.
-DECODING_SETTINGS = ("model", "beta", "mode", "sigmoid_center", "piecewise_bounds", "max_new_tokens", "temperature",
-                     "top_p", "seed", "splitter", "analysis", "analysis_max_tokens")
-
-
-def settings_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".settings.json")
-
-
-def decoding_settings(args) -> dict:
-    settings = {k: getattr(args, k) for k in DECODING_SETTINGS}
-    settings["piecewise_bounds"] = list(settings["piecewise_bounds"])  # as JSON gives it back
-    return settings
-
-
-def check_settings(out: Path, args, has_records: bool):
-    """Refuse to extend an --out made with other decoding settings (or with unknown ones)."""
-    path = settings_path(out)
-    if not path.exists():
-        if has_records:
-            raise UserError(f"--out {out}: holds records but no {path.name}, so the settings they were made with "
-                            "are unknown; choose another --out")
-        return
-    try:
-        saved = json.loads(path.read_text())["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        saved = None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: not written by hinted_decode.py (no 'settings'); choose another --out")
-    changed = changed_settings(saved, decoding_settings(args))
-    if changed:
-        raise UserError(f"--out {out} was made with other settings: {'; '.join(changed)}; rerun with those or "
-                        "choose another --out")
-
-
-def check_resume(examples: list[Example], files: dict) -> dict[str, dict]:
-    """Records already written (files: path -> data.read_log result), by example id; refuse
-    files written by another program or from another --data."""
-    by_id = {ex.id: ex for ex in examples}
-    done = {}
-    for path, (records, _) in files.items():
-        for rec in records:
-            where = f"{path}:{rec.pop('_line')}"
-            if "id" not in rec or "prompt" not in rec:
-                raise UserError(f"{where}: not a hinted_decode.py record (no 'id' or 'prompt' field)")
-            ex = by_id.get(str(rec["id"]))
-            if ex is None or (rec["prompt"], rec.get("reference"), rec.get("final_answer")) != (
-                    ex.prompt, ex.response, ex.answer):
-                raise UserError(f"{where}: record {rec['id']!r} is not an example of --data {examples[0].source} as it "
-                                f"is now (written from another file, or an edited one?); choose another --out")
-            if ex.id in done and done[ex.id] != rec:  # an identical copy: a merge was interrupted
-                raise UserError(f"{where}: example {ex.id!r} is recorded twice; choose another --out")
-            done[ex.id] = rec
-    return done
-
-
-def part_path(out: Path, ranks) -> Path:
-    """Where rank r of a W-process run appends its records, kept and failed: OUT.part-r-of-W.jsonl."""
-    return out.with_name(f"{out.stem}.part-{ranks.rank}-of-{ranks.world}{out.suffix or '.jsonl'}")
-
-
-def output_files(out: Path) -> list[Path]:
-    """Every file of --out that may hold records: OUT.jsonl, OUT.failed.jsonl and the part files
-    of unfinished multi-process runs, of any number of processes."""
-    part = re.compile(rf"{re.escape(out.stem)}\.part-\d+-of-\d+{re.escape(out.suffix or '.jsonl')}")
-    parts = sorted(p for p in out.parent.glob(glob.escape(out.stem) + ".part-*") if part.fullmatch(p.name))
-    return [out, failed_path(out), *parts]
-
-
-def append_paths(out: Path, ranks) -> tuple[Path, Path]:
-    """The files this process appends its kept and failed records to: OUT.jsonl and
-    OUT.failed.jsonl in a one-process run; its own part file under torchrun."""
-    if ranks.world == 1:
-        return out, failed_path(out)
-    return part_path(out, ranks), part_path(out, ranks)
-
-
-def merge_outputs(examples: list[Example], out: Path) -> list[dict]:
-    """Once every process has finished: all records of all files of --out, one per example in
-    --data order, rewritten into OUT.jsonl and OUT.failed.jsonl, the part files removed. So the
-    final files do not depend on the number of processes, on batches or on interruptions."""
-    files = output_files(out)
-    order = {ex.id: i for i, ex in enumerate(examples)}
-    done = check_resume(examples, {path: read_log(path, "hinted_decode.py") for path in files})
-    records = sorted(done.values(), key=lambda r: order[str(r["id"])])
-
-    def write(tmp, kept: bool):
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for r in records:
-                if (r["source"] != "failed") == kept:
-                    append_record(f, r)
-
-    atomic_write(out, lambda tmp: write(tmp, kept=True))
-    atomic_write(failed_path(out), lambda tmp: write(tmp, kept=False))
-    for part in files[2:]:
-        part.unlink()
-    return records
-
-
 # ---- The pipeline ------------------------------------------------------------------------------
 
 
@@ -432,12 +268,21 @@ def make_record(model, tokenizer, ex: Example, text: str | None, source: str, fi
 
 
 def seeds(args, examples: list[Example], stage: str) -> list[int] | None:
-    """One sampling seed per example (data.example_seed): its tokens do not depend on its batch or rank."""
+    """One sampling seed per example (ranks.example_seed): its tokens do not depend on its batch or rank."""
     return None if args.seed is None else [example_seed(args.seed, ex.id, stage) for ex in examples]
 
 
-def rewrite_batch(model, tokenizer, batch: list[Example], args, write):
-    """Steps 1-4 of the pipeline for one batch; `write(record)` appends a record."""
+def rewrite_batch(model, tokenizer, batch: list[Example], args, write=None) -> list[dict]:
+    """The pipeline's rule for one batch: the model's own answer, kept if it verifies
+    ("on_policy"); else the hinted rewrite, kept if it verifies ("hinted"); else "failed". One
+    record per example, handed to `write` as soon as it is made; returns them all."""
+    records = []
+
+    def emit(record):
+        records.append(record)
+        if write is not None:
+            write(record)
+
     stops = tokenizer.stop_ids
     plain = [tokenizer.encode_chat(ex.prompt, add_generation_prompt=True) for ex in batch]
     own, own_finish = generate(model, plain, args.max_new_tokens, stop_ids=stops, temperature=args.temperature,
@@ -447,11 +292,11 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, write):
     for ex, ids, finish, prompt in zip(batch, own, own_finish, plain):
         text = tokenizer.decode(strip_stop(ids, stops))
         if accept(text, finish, ex.answer):
-            write(make_record(model, tokenizer, ex, text, "on_policy", finish, ref_phi[ex.id]))
+            emit(make_record(model, tokenizer, ex, text, "on_policy", finish, ref_phi[ex.id]))
         else:
             todo.append((ex, prompt))
     if not todo:
-        return
+        return records
 
     hints = [tokenizer.encode_chat(hint_messages(ex, args.analysis), add_generation_prompt=True) for ex, _ in todo]
     if args.analysis:  # greedy "# Analysis ... # CoT" prefix, cut at the last '# CoT' header
@@ -461,11 +306,11 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, write):
             prefix = cut_analysis(tokenizer.decode(strip_stop(draft, stops)))
             if prefix is None:
                 print(f"{ex.source}:{ex.line}: no '{ANALYSIS_HEADER}' header in the analysis; skipped", file=sys.stderr)
-                write(make_record(model, tokenizer, ex, None, "failed", "no_analysis", ref_phi[ex.id]))
+                emit(make_record(model, tokenizer, ex, None, "failed", "no_analysis", ref_phi[ex.id]))
             else:
                 kept.append(((ex, prompt), hint + tokenizer.encode(prefix)))
         if not kept:
-            return
+            return records
         todo, hints = [k[0] for k in kept], [k[1] for k in kept]
 
     splitters = [auto_splitter(ex) if args.splitter == "auto" else args.splitter for ex, _ in todo]
@@ -477,7 +322,31 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, write):
     for (ex, _), ids, finish in zip(todo, new, finishes):
         text = tokenizer.decode(strip_stop(ids, stops))
         source = "hinted" if accept(text, finish, ex.answer) else "failed"
-        write(make_record(model, tokenizer, ex, text, source, finish, ref_phi[ex.id]))
+        emit(make_record(model, tokenizer, ex, text, source, finish, ref_phi[ex.id]))
+    return records
+
+
+# The settings that shape the records, stored in OUT.settings.json before the first record: an
+# --out is only extended with the same ones. --limit, --batch-size, --device and --quiet may change.
+DECODING_SETTINGS = ("model", "beta", "mode", "sigmoid_center", "piecewise_bounds", "max_new_tokens", "temperature",
+                     "top_p", "seed", "splitter", "analysis", "analysis_max_tokens")
+
+
+def decoding_settings(args) -> dict:
+    settings = {k: getattr(args, k) for k in DECODING_SETTINGS}
+    settings["piecewise_bounds"] = list(settings["piecewise_bounds"])  # as JSON gives it back
+    return settings
+
+
+def record_log(out) -> RecordLog:
+    """OUT.jsonl gets the kept examples (a valid --data file for train.py), OUT.failed.jsonl the rest."""
+    return RecordLog(out, "hinted_decode.py", "failed", lambda record: record["source"] == "failed")
+
+
+def same_example(ex: Example, record: dict) -> bool:
+    """Was `record` made from `ex` as it is now (prompt, reference and gold answer)?"""
+    return (record["prompt"], record.get("reference"), record.get("final_answer")) == (ex.prompt, ex.response,
+                                                                                        ex.answer)
 
 
 def summarize(records: list[dict], seconds: float, n_run: int):
@@ -493,8 +362,6 @@ def summarize(records: list[dict], seconds: float, n_run: int):
 
 
 def run_pipeline(args) -> int:
-    from tqdm import tqdm
-
     from tokenizer import Tokenizer
 
     every_example = load_examples(args.data)  # records of an earlier run without --limit are still its examples
@@ -505,53 +372,40 @@ def run_pipeline(args) -> int:
                             "in the solution, or add a 'final_answer' field)")
         if not any(m["role"] == "user" for m in ex.prompt):
             raise UserError(f"{ex.source}:{ex.line}: no user message: the question to answer is missing")
-    out, failed = Path(args.out), failed_path(Path(args.out))
-    if Path(args.data).resolve() in (out.resolve(), failed.resolve()):
-        raise UserError(f"--out {out}: would write into --data itself; choose another --out")
-    ranks = start_ranks()  # under torchrun: this process's share of the examples (`shard`)
-    files = {path: read_log(path, "hinted_decode.py") for path in output_files(out)}
-    done = check_resume(every_example, files)
-    check_settings(out, args, has_records=bool(done))
-    todo = [ex for ex in shard(examples, ranks, args.batch_size) if ex.id not in done]
-    n_done = sum(ex.id in done for ex in examples)
-    print(f"{len(examples)} examples, {n_done} already in {out}, {len(examples) - n_done} to do", file=sys.stderr)
-    if ranks.main and n_done < len(examples):  # before the first record of any rank
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(settings_path(out), json.dumps({"settings": decoding_settings(args)}, indent=1) + "\n")
-    records, start = [], time.perf_counter()
-    if todo:
+    log = record_log(args.out)
+    if Path(args.data).resolve() in (log.out.resolve(), log.side_path().resolve()):
+        raise UserError(f"--out {log.out}: would write into --data itself; choose another --out")
+
+    def start_work():
         tokenizer = Tokenizer.from_pretrained(args.model)
         model = Transformer.from_pretrained(args.model, device=rank_device(args.device))
-        kept_log, failed_log = append_paths(out, ranks)
-        for path in {kept_log, failed_log} & files.keys():
-            drop_torn_tail(path, files[path][1])  # its example is simply done again
-        out.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with open(kept_log, "a", encoding="utf-8", newline="\n") as f_out, \
-                open(failed_log, "a", encoding="utf-8", newline="\n") as f_failed, \
-                tqdm(total=len(todo), unit="ex", disable=args.quiet) as bar:
+        return lambda batch, write: rewrite_batch(model, tokenizer, batch, args, write)
 
-            def write(record):
-                append_record(f_failed if record["source"] == "failed" else f_out, record)
-                records.append(record)
-                bar.update(1)
-
-            try:
-                for i in range(0, len(todo), args.batch_size):
-                    rewrite_batch(model, tokenizer, todo[i:i + args.batch_size], args, write)
-            except KeyboardInterrupt:
-                print(f"\ninterrupted: {len(records)} new records kept in {kept_log} and {failed_log}; "
-                      "rerun the same command to continue", file=sys.stderr)
-                return 130
-    n_new = print_shares(len(records), ranks)  # also waits until every rank has written all its records
-    if not ranks.main:
-        return 0
-    summarize(merge_outputs(every_example, out), time.perf_counter() - start, n_new)
-    print(f"wrote {out} (training data) and {failed}")
+    ranks = start_ranks()  # under torchrun: this process does its share of the examples
+    result = log.extend(examples, every_example, same_example, decoding_settings(args), ranks, args.batch_size,
+                        start_work, desc=None if args.quiet else "hinted decoding")
+    if result is None:
+        return 130  # interrupted: the records written so far are kept
+    records, n_run, seconds = result
+    if ranks.main:
+        summarize(records, seconds, n_run)
+        print(f"wrote {log.out} (training data) and {log.side_path()}")
     return 0
 
 
 # ---- Demo --------------------------------------------------------------------------------------
+
+DEMO_QUESTION = (
+    "A baker makes 36 muffins in the morning and twice as many in the afternoon. She sells 50 "
+    "of them. How many muffins does she have left? Give the result as your final answer. "
+    "Do not include units."
+)
+DEMO_REFERENCE = (
+    "In the afternoon she makes 2 * 36 = 72 muffins.\n"
+    "Altogether she makes 36 + 72 = 108 muffins.\n"
+    "After selling 50 she has 108 - 50 = 58 muffins left.\n"
+    "#### 58"
+)
 
 
 def run_demo(args) -> int:
@@ -577,8 +431,8 @@ def run_demo(args) -> int:
     print(f"Question: {DEMO_QUESTION}\n")
     shown = [("reference solution", ex.response),
              ("the model's own answer", tokenizer.decode(strip_stop(own, stops))),
-             ("β = 0 rewrite (hint stream alone)", tokenizer.decode(strip_stop(hinted[0.0], stops))),
-             (f"hinted rewrite (β = {args.beta:g}, {args.mode})",
+             ("β_mix = 0 rewrite (hint stream alone)", tokenizer.decode(strip_stop(hinted[0.0], stops))),
+             (f"hinted rewrite (β_mix = {args.beta:g}, {args.mode})",
               tokenizer.decode(strip_stop(hinted[args.beta], stops)))]
     for title, text in shown:
         s = phi_stats(model, tokenizer, ex.prompt, text)
@@ -595,7 +449,7 @@ def parse_args(argv=None):
 
     ap = ArgumentParser(
         description="Rewrite reference solutions into the model's own words with hinted decoding "
-                    "(SPEC §4). Without --data: a demo on one built-in problem.",
+                    "(docs/math.md). Without --data: a demo on one built-in problem.",
         epilog="Output: --out gets the kept examples (source on_policy or hinted), a valid --data file for "
                "train.py; OUT.failed.jsonl next to it gets the rest. Records are appended one by one: "
                "rerunning with the same --out continues where a run stopped (ids from --data); an --out "
@@ -604,11 +458,11 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="JSONL output (required with --data)")
     ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
     ap.add_argument("--beta", type=nonnegative_float, default=3.0,
-                    help="β of the λ rule (default 3; 0 = hint stream alone)")
-    ap.add_argument("--mode", choices=MODES, default="linear", help="λ rule (default linear: clamp(β·h, 0, 1))")
+                    help="β_mix, the slope of the mixing rule (default 3; 0 = hint stream alone)")
+    ap.add_argument("--mode", choices=MODES, default="linear", help="mixing rule (default linear: λ_mix = clamp(β_mix·h, 0, 1))")
     ap.add_argument("--sigmoid-center", type=fraction, default=0.5, help="c of the sigmoid mode")
     ap.add_argument("--piecewise-bounds", type=fraction, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"),
-                    help="mode piecewise: λ = 0 below H1, 1 above H2, linear between (default 0.3 0.7)")
+                    help="mode piecewise: λ_mix = 0 below H1, 1 above H2, linear between (default 0.3 0.7)")
     ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="default 512 (demo: 256)")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="examples decoded together (2 rows each)")
     ap.add_argument("--temperature", type=nonnegative_float, default=0.0,
@@ -651,18 +505,16 @@ def check_args(args):
 
 
 def main(argv=None) -> int:
-    try:
+    def run(argv):
         args = parse_args(argv)
         check_args(args)
         if not args.data:
             return run_demo(args)
         with lock_output(args.out):
             return run_pipeline(args)
-    except (UserError, CheckpointError) as e:
-        return print_error(e)
-    except KeyboardInterrupt:  # while loading (once decoding, run_pipeline reports what it kept)
-        print("\ninterrupted: nothing written", file=sys.stderr)
-        return 130
+
+    # Ctrl-C while loading; once decoding, run_pipeline reports what it kept
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import UserError
+from plumbing.cli import UserError
 
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

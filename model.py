@@ -2,7 +2,7 @@
 
 Everything the paper computes starts from the model's next-token distribution
 
-    p_t = π_θ(· | x, y_<t) = softmax(W_out · h_t)                               (SPEC §2)
+    p_t = π_θ(· | x, y_<t) = softmax(W_out · h_t)                    (docs/math.md)
 
 where h_t is the final hidden state at position t and W_out the output matrix. This file
 builds h_t (`Transformer.hidden_states`), exposes W_out (`Transformer.output_weight`) so the
@@ -41,12 +41,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from plumbing.cli import UserError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded as asked: the message names the file or tensors.
-    A user's mistake, like data.UserError: command-line tools print it in one line, exit 2."""
+    A user's mistake: command-line tools print it in one line, exit 2."""
 
 
 @dataclass
@@ -459,7 +461,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return tokens, pad
 
 
-# The stop rule of every decoding loop (SPEC §4): a stop id, the token limit, or some 30-token
+# The stop rule of every decoding loop (docs/math.md, "Hinted decoding"): a stop id, the token limit, or some 30-token
 # window seen 5 times, checked every 100 tokens.
 REPETITION_WINDOW, REPETITION_COUNT, REPETITION_EVERY = 30, 5, 100
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it has finished

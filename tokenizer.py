@@ -1,7 +1,7 @@
 """Tokenizer: byte-level BPE on tiktoken, and chat rendering by the model's own template.
 
 The paper's quantities are all per token: ℓ_t = log π_θ(y_t | x, y_<t), the entropy H_t,
-the centered log-likelihood φ_t = ℓ_t + H_t and the varentropy V_t (SPEC sections 2-3).
+the centered log-likelihood φ_t = ℓ_t + H_t and the varentropy V_t (docs/math.md).
 Which token is "y_t", and what the prompt x looks like (the chat template), is decided
 here, so this module must cut text exactly as transformers does for the same model, or φ is
 computed for token sequences the model never sees.
@@ -63,7 +63,7 @@ Chat (`encode_chat`, `encode_conversation`)
   template's own rules apply to the response (Llama-3 trims it; Qwen3 wraps it in a think
   block, empty unless the response carries one) and the ids at the boundary are HF's.  The
   sequence ends with the end-of-turn token that closes the response (what the model must
-  emit to stop; the "\\n" ChatML writes after <|im_end|> is not trained, as in TRL); a template
+  emit to stop; the "\\n" ChatML writes after <|im_end|> is not trained, where TRL 1.16 trains it); a template
   that writes none gets eos_id appended.  n_prompt is the length of the longest common prefix
   of these ids and the generation prompt's ids: len(generation prompt) when they agree, one or
   two less when BPE merges text across the boundary (SmolLM2: "assistant\\n" + "\\n\\n21"), so
@@ -83,7 +83,7 @@ import jinja2
 import tiktoken
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from data import UserError
+from plumbing.cli import UserError
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Digits(individual_digits=True) then GPT-2 ByteLevel split, as one regex (see docstring).

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bench scripts run from any directory
 
-from data import atomic_write  # after the path setup
+from plumbing.files import atomic_write  # after the path setup
 from model import ModelConfig, Transformer
 
 RESULTS_DIR = ROOT / "bench" / "results"

@@ -43,9 +43,9 @@ def authors_style(model, hint, plain, *, beta, max_new_tokens, log_vocab):
     device = model.output_weight.device
     out = []
     for step in range(max_new_tokens):
-        log_p, p = log_probs(model(torch.tensor([hint + out], device=device))[:, -1])
-        log_q, _ = log_probs(model(torch.tensor([plain + out], device=device))[:, -1])
-        lam = mixing_weight(entropy(log_p, p) / log_vocab, beta)
+        log_p = log_probs(model(torch.tensor([hint + out], device=device))[:, -1])
+        log_q = log_probs(model(torch.tensor([plain + out], device=device))[:, -1])
+        lam = mixing_weight(entropy(log_p) / log_vocab, beta)
         if step == 0:
             lam = torch.zeros_like(lam)
         out.append(int(log_mixture(log_p, log_q, lam).argmax()))

@@ -1,11 +1,12 @@
 """Peak memory and time of one IDFT forward + backward of the output layer: full logits vs lean.
 
-    reference  logits = h Wᵀ ([tokens × V]), idft.token_loss_sum, autograd backward
-    lean       idft.chunked_loss(h, W): chunks of tokens, gradients built in the forward pass
+    reference  logits = h Wᵀ ([tokens × V]), idft.loss_sum, autograd backward
+    lean       idft.chunked_loss_sum(h, W): the same idft.token_loss on chunks of tokens, each
+               chunk's logits recomputed in backward (activation checkpointing)
 
 Inputs: random hidden states h [tokens × D] and output matrix W [V × D] (float32 on CPU,
 bfloat16 on CUDA), every token valid, IDFT with the default knobs. Time: the two paths
-alternate in one process (bench/common.interleaved), median after a warm-up. Peak memory: a
+alternate in one process (`interleaved` in bench/common.py), median after a warm-up. Peak memory: a
 fresh worker process per path runs a warm-up step and then one measured step, and reports
 the growth over what it held before that step (the [V × D] gradient of W, present in both
 paths, included; h, W excluded): CPU peak RSS (VmHWM), CUDA max_memory_allocated.
@@ -33,7 +34,7 @@ from common import (
     write_report,
 )
 
-from idft import LOSS_CHUNK, chunked_loss, token_loss_sum  # after common, which puts the repo root on sys.path
+from idft import LOSS_CHUNK, chunked_loss_sum, loss_sum  # after common, which puts the repo root on sys.path
 
 SIZES = [  # (tokens, vocab, hidden dim)
     (8192, 49152, 576),  # the bundled SmolLM2-135M
@@ -58,12 +59,11 @@ def step_fn(path, chunk_size, hidden, weight, targets, mask):
     def step():
         hidden.grad = weight.grad = None
         if path == "reference":
-            loss_sum, _, _ = token_loss_sum("idft", hidden @ weight.T, targets, mask, return_stats=False)
+            total, _, _ = loss_sum(hidden @ weight.T, targets, mask, "idft")
         else:
-            loss_sum, _, _ = chunked_loss("idft", hidden, weight, targets, mask, chunk_size,
-                                               return_stats=False)
-        loss_sum.backward()
-        return loss_sum.item()
+            total, _, _ = chunked_loss_sum(hidden, weight, targets, mask, "idft", chunk_size)
+        total.backward()
+        return total.item()
 
     return step
 

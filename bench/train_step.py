@@ -1,6 +1,6 @@
 """Tokens/s and peak memory of one IDFT training step: ours vs transformers + the authors' loss.
 
-    ours  train.LossHead: model.hidden_states, then idft.chunked_loss, which forms the logits
+    ours  train.LossHead: model.hidden_states, then idft.chunked_loss_sum, which forms the logits
           W_out·h_t chunk by chunk for the valid (response) tokens only and builds their
           gradient in the forward pass; torch.compile on CUDA, as train.py does
     peer  transformers LlamaForCausalLM on the same weights, eager, full logits [B, T, V],
@@ -9,7 +9,7 @@
           gather of log p(y), weights w = stopgrad(p^γ)
 
 One step on either side: forward, loss, backward, AdamW step (train.build_optimizer, fused
-on CUDA), zero_grad; the loss is Σ_valid loss_t / N_valid (SPEC §3, λ = 1, β = 1, γ in
+on CUDA), zero_grad; the loss is Σ_valid loss_t / N_valid (docs/math.md, λ = 1, β = 1, γ in
 [0.1, 2]). Same batch: --batch × --seq random token ids, loss on the last 3/4 of each row
 (the first quarter stands for the prompt). Float32 on CPU; bfloat16 autocast on CUDA (weights
 and optimizer in float32, like train.py). Both sides start from the same weights, so their
@@ -42,7 +42,7 @@ OPTIM = Namespace(lr=1e-5, weight_decay=0.01)
 
 
 def authors_idft_loss(logits, targets, mask, beta=1.0, gamma_min=0.1, gamma_max=2.0, lam=1.0):
-    """Σ_valid −stopgrad(p^γ) log p(y) from full logits, the straightforward way (SPEC §3).
+    """Σ_valid −stopgrad(p^γ) log p(y) from full logits, the straightforward way (docs/math.md).
 
     Holds [B, T, V] float32 tensors for log p, p and p · log p (and autograd keeps log p's
     softmax for backward): the memory the lean path avoids.
@@ -78,7 +78,7 @@ def make_step(side, path, device, batch, seq):
     else:
         model = load_hf(path, device).train()
         params = model
-    optimizer = build_optimizer(params, OPTIM, fused=cuda)
+    optimizer = build_optimizer(params, OPTIM.lr, OPTIM.weight_decay, fused=cuda)
     inputs, targets, mask = make_batch(batch, seq, model.config.vocab_size, device)
     lam = torch.tensor(1.0, device=device)
     n_valid = int(mask.sum())

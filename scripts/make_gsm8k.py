@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-from data import (ArgumentParser, UserError, answers_match, atomic_write, check_output, find_answer,  # noqa: E402
-                  nonnegative_int, positive_int)
+from data import answers_match, find_answer  # noqa: E402
+from plumbing.cli import ArgumentParser, UserError, nonnegative_int, positive_int  # noqa: E402
+from plumbing.files import atomic_write, check_output  # noqa: E402
 
 HELDOUT_TEMPLATES = 15  # of the 85 usable templates, kept out of train and test
 SPLITS = ("train", "validation", "test", "heldout")  # made in this order: a question goes to the first

@@ -9,7 +9,7 @@ train, validation and test splits of the same gsm_symbolic templates (new number
 of templates never trained on. Everything goes to results/<scale>/ (--out to change); stages:
 
   data      train, validation, test, heldout .jsonl                (scripts/make_gsm8k.py)
-  ddt       claim 1 (DDT, SPEC §2, §4): on the first problems of train, the φ statistics
+  ddt       claim 1 (DDT, docs/math.md): on the first problems of train, the φ statistics
             (average φ, z, shares of φ_t above −1/−3/−5) under the plain prompt of
               (a) the reference solutions, (b) the model's own answers sampled at temperature 1
               (on-policy by construction: E[φ_t] = 0), (c) β = 0 rewrites (the hint stream
@@ -17,7 +17,7 @@ of templates never trained on. Everything goes to results/<scale>/ (--out to cha
               (b) while (a) and (c) do not                         -> ddt.json, ddt.png
   hd        the hinted_decode.py pipeline on the first n_hd train problems: the model's verified
             own answers and its verified hinted rewrites (yield and φ reported) -> hd.jsonl
-  grid      claim 2 (IDFT, SPEC §3): train.py with each loss of GRID_LOSSES at each learning
+  grid      claim 2 (IDFT, docs/math.md): train.py with each loss of GRID_LOSSES at each learning
             rate of the scale's grid, on the references; same steps, batch, data order, seed
                                                                    -> runs/<loss>_lr<rate>/
   select    every grid model (and the base) answers the validation split and is measured for
@@ -31,7 +31,7 @@ of templates never trained on. Everything goes to results/<scale>/ (--out to cha
   report    tables, plots (frontier: validation accuracy against drift, one point per loss ×
             rate; dynamics: mean φ and entropy of the training batches per step) and a
             reading generated from the numbers                     -> results.md, *.png
-            (with the default --out, also the "Results" block of README.md)
+            (with the default --out, also results/README.md and the README's headline)
 
 Restartable: a stage whose outputs are present and were made with the same settings is
 reused; hd.jsonl and training runs resume where they stopped (hinted_decode.py and
@@ -68,11 +68,16 @@ import eval as evaluation  # noqa: E402
 import hinted_decode  # noqa: E402
 import make_gsm8k  # noqa: E402  (scripts/ is on the path: this file lives there)
 import train  # noqa: E402
-from data import (ArgumentParser, Example, UserError, answers_match, atomic_write, check_output,  # noqa: E402
-                  encode_example, extract_answer, load_examples, lock_output, read_log, replace_marked_block)
+import study_stats  # noqa: E402
+from data import Example, answers_match, encode_example, extract_answer, load_examples  # noqa: E402
+from plumbing.cli import ArgumentParser, UserError  # noqa: E402
+from plumbing.files import atomic_write, check_output, lock_output, read_log, replace_marked_block  # noqa: E402
+from plumbing.checkpoints import latest_checkpoint  # noqa: E402
+from plumbing.metrics import curves, read_metrics  # noqa: E402
+from plumbing.report import bar_chart, plot_run  # noqa: E402
 from ddt import score_examples  # noqa: E402
 from hub import BUNDLED_NAME, resolve_model_dir  # noqa: E402
-from model import CheckpointError, Transformer, generate  # noqa: E402
+from model import Transformer, generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -284,7 +289,7 @@ def hd_stage(out: Path, model: str, train_file: Path, scale: Scale, device: str)
 def hd_summary(hd: Path) -> dict:
     """Yield (verified / tried) and the φ of what was kept, against the φ of the same problems'
     references (both scored by the base model under the plain prompt, by hinted_decode.py)."""
-    records = read_log(hd, "hinted_decode.py")[0] + read_log(hinted_decode.failed_path(hd), "hinted_decode.py")[0]
+    records = read_log(hd, "hinted_decode.py")[0] + read_log(hinted_decode.record_log(hd).side_path(), "hinted_decode.py")[0]
     counts = {k: sum(r["source"] == k for r in records) for k in ("on_policy", "hinted", "failed")}
     kept = {k: [r for r in records if r["source"] == k and r["phi"] and r["phi_reference"]]
             for k in ("on_policy", "hinted")}
@@ -304,8 +309,8 @@ def hd_summary(hd: Path) -> dict:
 
 
 def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
-    latest = train.latest_checkpoint(run_dir)
-    metrics = train.read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    latest = latest_checkpoint(run_dir)
+    metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     steps_logged = [m["step"] for m in metrics if "step" in m]
     return latest if latest is not None and steps_logged and max(steps_logged) >= steps else None
 
@@ -331,7 +336,7 @@ def train_run(out: Path, name: str, model: str, loss: str, lr: float, data: Path
         log(f"train {name}: {loss} at lr {lr:g} on {data.name}, {scale.steps} steps")
         check(train.main(argv), f"train.py {shlex.join(argv)}")
         done = finished_checkpoint(run_dir, scale.steps)
-        train.plot_run(run_dir)
+        plot_run(run_dir)
     else:
         log(f"train {name}: reusing {done}")
     return {**info, "checkpoint": str(done), "run_dir": str(run_dir)}
@@ -498,7 +503,7 @@ def paired_tests(final: dict) -> list[dict]:
             continue
         for split in ("test", "heldout"):
             tests.append({"a": a, "b": b, "split": split,
-                          **evaluation.paired_comparison(final[a][split]["verdicts"], final[b][split]["verdicts"])})
+                          **study_stats.paired_comparison(final[a][split]["verdicts"], final[b][split]["verdicts"])})
     return tests
 
 
@@ -553,7 +558,7 @@ def final_table(final: dict, validation: dict) -> list[str]:
 
 def training_dynamics(runs: dict) -> dict[str, dict]:
     """{run: {"phi_mean": [(step, value)], "entropy_mean": [...]}} from each run's metrics.jsonl."""
-    return {name: train.curves(train.read_metrics(Path(r["run_dir"]))) for name, r in runs.items()
+    return {name: curves(read_metrics(Path(r["run_dir"]))) for name, r in runs.items()
             if "run_dir" in r}
 
 
@@ -703,10 +708,10 @@ def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: dict, grid: 
     tests = paired_tests(final)
     plot_frontier(validation, chosen, out / "frontier.png")
     plot_dynamics(dynamics, runs, out / "dynamics.png")
-    evaluation.bar_chart([{"name": n, **r["test"],
+    bar_chart([{"name": n, **r["test"],
                            "kl_from_base": {"kl_token_mean": validation[r.get("run", n)]["kl_from_base"]}}
                           for n, r in final.items() if "test" in r], out / "accuracy_test.png")
-    evaluation.bar_chart([{"name": n, **r["heldout"]} for n, r in final.items() if "heldout" in r],
+    bar_chart([{"name": n, **r["heldout"]} for n, r in final.items() if "heldout" in r],
                          out / "accuracy_heldout.png")
     hardware = (torch.cuda.get_device_name(0) if device.startswith("cuda")
                 else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
@@ -748,18 +753,68 @@ def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: dict, grid: 
                "validation": {n: strip(r) for n, r in validation.items()},
                "final": {n: strip(r) for n, r in final.items()}, "paired_tests": tests,
                "minutes_per_stage": {k: v / 60 for k, v in timings.items()}, "command": argv}
-    atomic_write(out / "results.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(out / "results.json", json.dumps(portable(summary, out), indent=1, ensure_ascii=False) + "\n")
     return text
 
 
+def portable(value, out: Path):
+    """`value` with every absolute path made machine-independent: relative to the results directory
+    `out` or to the repository, or under "~" for the user's cache (results are committed)."""
+    if isinstance(value, dict):
+        return {k: portable(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, out) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        for root, prefix in ((out.resolve(), ""), (ROOT, ""), (Path.home(), "~/")):
+            if path.is_relative_to(root):
+                return prefix + str(path.relative_to(root))
+    return value
+
+
+def headline(summary: dict) -> list[str]:
+    """Five lines on a scale's results.json: what the study is, whether the task teaches, each
+    method against SFT on test, and claims 1 and 2."""
+    settings, final, tests = summary["settings"], summary["final"], summary["paired_tests"]
+    on_test = {(t["a"], t["b"]): t for t in tests if t["split"] == "test"}
+    minutes = sum(summary["minutes_per_stage"].values())
+
+    def diff(a, b):
+        t = on_test[(a, b)]
+        return f"{100 * t['difference']:+.1f} points (p = {t['p_value']:.2g})"
+
+    held = next((t for t in tests if t["split"] == "heldout" and (t["a"], t["b"]) == ("sft", "base")), None)
+    others = [a for a, b in on_test if b == BASELINE and a != BASELINE]
+    ddt = summary["ddt"]
+    names = {"reference": "references", "own": "own samples", "beta0": "β_mix = 0 rewrites", "hinted": "hinted rewrites"}
+    flagged = ", ".join(f"{names.get(k, k)} {ddt[k]['share_flagged_p05']:.2f}" for k in ddt)
+    kl = {loss: summary["validation"][run]["kl_from_base"] for loss, run in summary["chosen"].items()}
+    return [
+        f"- **The `{summary['scale']}` study** ({minutes:.0f} min): the bundled 135M model, {settings['steps']} steps × "
+        f"{settings['batch_size']} sequences per run, each loss at the learning rate chosen on validation, "
+        f"{settings['n_test']} + {settings['n_heldout']} paired test questions (exact McNemar).",
+        f"- **The task teaches:** SFT vs base on test {diff('sft', 'base')}"
+        + (f"; on held-out templates {100 * held['difference']:+.1f} points." if held else "."),
+        "- **Against SFT on test:** " + "; ".join(f"{a} {diff(a, BASELINE)}" for a in others) + ".",
+        f"- **Claim 1 (DDT)**, share flagged off-distribution (p < 0.05): {flagged}.",
+        "- **Claim 2 (IDFT)**, drift KL(base ‖ model) at the chosen rates: "
+        + ", ".join(f"{loss} {value:.3f}" for loss, value in kl.items())
+        + "; accuracy on test: " + ", ".join(f"{loss} {final[loss]['test']['accuracy']:.2f}" for loss in kl) + ".",
+    ]
+
+
 def update_readme(results_root: Path):
-    """Rewrite README.md's results block from every results/<scale>/results.md present."""
-    parts = []
-    for scale in ("gpu", "cpu", "smoke"):
-        md = results_root / scale / "results.md"
-        if md.exists():  # its image links are relative to results/<scale>/
-            parts.append(md.read_text().replace("](", f"](results/{scale}/"))
-    replace_marked_block(ROOT / "README.md", "reproduce:results", "\n\n".join(parts))
+    """Rewrite results/README.md from every results/<scale>/results.md present, and README.md's
+    headline block from the largest scale that ran."""
+    scales = [scale for scale in ("gpu", "cpu", "smoke") if (results_root / scale / "results.md").exists()]
+    parts = [(results_root / scale / "results.md").read_text().replace("](", f"]({scale}/") for scale in scales]
+    atomic_write(results_root / "README.md", "# Results of `scripts/reproduce.py`\n\nGenerated by "
+                 "`python scripts/reproduce.py --scale S` from the measured numbers; `smoke` only shows that every "
+                 "stage runs (a few steps prove nothing about the method). How each scale was chosen: the "
+                 "docstring of scripts/reproduce.py.\n\n" + "\n\n".join(parts))
+    main = next((s for s in scales if s != "smoke"), None)
+    lines = headline(json.loads((results_root / main / "results.json").read_text())) if main else ["- none yet"]
+    replace_marked_block(ROOT / "README.md", "reproduce:headline", "\n".join(lines))
 
 
 # ---- Main ---------------------------------------------------------------------------------------
@@ -770,8 +825,8 @@ def parse_args(argv=None):
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--scale", choices=SCALES, required=True, help="smoke (minutes), cpu (~2 h on 2 cores), gpu")
     ap.add_argument("--model", default=BUNDLED_NAME, help="base model (default: the bundled SmolLM2-135M-Instruct)")
-    ap.add_argument("--out", default=None, help="results directory (default: results/<scale>; the README's "
-                    "Results block is rewritten only with the default)")
+    ap.add_argument("--out", default=None, help="results directory (default: results/<scale>; results/README.md and "
+                    "the README's headline are rewritten only with the default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap.parse_args(argv)
 
@@ -785,7 +840,7 @@ def main(argv=None) -> int:
         check_output(out, "--out", kind="dir")
         with lock_output(out):
             return run(args, argv, scale, out)
-    except (UserError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

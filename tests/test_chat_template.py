@@ -14,7 +14,7 @@ import pytest
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from data import UserError
+from plumbing.cli import UserError
 from tokenizer import LLAMA3_PATTERN, Tokenizer
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
@@ -201,7 +201,7 @@ def test_checkpoint_keeps_a_template_that_lives_in_chat_template_jinja(tmp_path)
     checkpoint with a working apply_chat_template, equal to ours and to the source's."""
     import transformers
     from conftest import write_tiny_model
-    from train import TOKENIZER_FILES
+    from plumbing.checkpoints import TOKENIZER_FILES
 
     source = build(tmp_path, "qwen3")
     assert "chat_template" not in json.loads((source / "tokenizer_config.json").read_text())

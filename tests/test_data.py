@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data import UserError, answers_match, extract_answer, find_answer, load_examples, replace_marked_block, to_number
+from data import answers_match, extract_answer, find_answer, load_examples, to_number
+from plumbing.cli import UserError
+from plumbing.files import replace_marked_block
 
 ROOT = Path(__file__).resolve().parents[1]
 

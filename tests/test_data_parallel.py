@@ -20,7 +20,7 @@ from conftest import write_tiny_model, write_tiny_tokenizer
 import ddt
 import eval as evaluate
 import hinted_decode
-from data import Ranks, gather_in_order, shard
+from plumbing.ranks import Ranks, gather_in_order, shard
 
 torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): float sums reduce in the same order
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def data(tmp_path_factory):
 
 
 def test_shard_takes_every_world_th_batch_and_gather_restores_the_order(monkeypatch):
-    import data
+    from plumbing import ranks as ranks_module
 
     for n, world, batch_size in itertools.product(range(12), (1, 2, 3, 5), (1, 2, 4)):
         items = list(range(n))
@@ -67,7 +67,7 @@ def test_shard_takes_every_world_th_batch_and_gather_restores_the_order(monkeypa
         assert sorted(sum(parts, [])) == items
         for r, part in enumerate(parts):
             assert all(i // batch_size % world == r for i in part)
-        monkeypatch.setattr(data, "every_rank", lambda value, ranks: parts)  # what all_gather_object returns
+        monkeypatch.setattr(ranks_module, "every_rank", lambda value, ranks: parts)  # what all_gather_object returns
         assert gather_in_order(parts[0], Ranks(0, world), batch_size) == items
 
 
@@ -80,7 +80,7 @@ def pipeline_args(model_dir, data, out, *extra):
 
 
 def outputs(out):
-    return out.read_bytes(), hinted_decode.failed_path(out).read_bytes()
+    return out.read_bytes(), hinted_decode.record_log(out).side_path().read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,8 @@ def test_eval_two_processes_equal_one(model_dir, data, tmp_path, capsys):
     proc = torchrun("eval.py", *args, "--out", tmp_path / "two" / "r.json")
     one, two = eval_files(tmp_path / "one" / "r.json", model_dir), eval_files(tmp_path / "two" / "r.json", model_dir)
     assert two == one
-    assert shares(proc.stderr) == [[26, 24], [4, 3]]  # the base's 25 batches of general prompts, the answers
+    # the base's 25 batches of general prompts, the answers, the references' φ, the drift KL
+    assert shares(proc.stderr) == [[26, 24], [4, 3], [4, 3], [26, 24]], proc.stderr
     assert proc.stdout.count("| model |") == 1  # one table, from rank 0
 
 

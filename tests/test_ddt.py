@@ -10,7 +10,7 @@ import ddt
 
 
 def brute_stats(logits, targets):
-    """ℓ, H, φ, V in float64, straight from the definitions (SPEC §2)."""
+    """ℓ, H, φ, V in float64, straight from the definitions (docs/math.md, "DDT")."""
     log_p = torch.log_softmax(logits.double(), -1)
     p = log_p.exp()
     logp = log_p.gather(-1, targets[..., None]).squeeze(-1)

@@ -70,7 +70,7 @@ MIXES = {  # chosen so that λ really varies between 0 and 1 on this model
 }
 
 
-# ---- A slow reference, written from SPEC §4 independently of hinted_decode.py -----------------
+# ---- A slow reference, written from docs/math.md independently of hinted_decode.py ------------
 
 
 def reference_decode(model, hint, plain, *, beta, mode, max_new_tokens, eos_id=None, splitter=None,
@@ -424,7 +424,7 @@ def test_a_smaller_limit_on_resume_keeps_every_record(tmp_path, model_dir, capsy
 
 
 def test_the_error_of_a_rank_other_than_0_reaches_the_real_stderr(monkeypatch, capfd):
-    from data import print_error
+    from plumbing.cli import print_error
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))  # what start_ranks does on rank 1
@@ -482,6 +482,6 @@ def test_analysis_prefix_and_examples_without_header(tmp_path, model_dir, monkey
 def test_demo_on_the_bundled_model(capsys):
     assert main(["--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
-    for title in ("reference solution", "the model's own answer", "β = 0 rewrite", "hinted rewrite (β = 3"):
+    for title in ("reference solution", "the model's own answer", "β_mix = 0 rewrite", "hinted rewrite (β_mix = 3"):
         assert f"=== {title}" in out
     assert out.count("average φ") == 4

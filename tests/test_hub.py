@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import hub
-from data import UserError
+from plumbing.cli import UserError
 
 torch.set_num_threads(1)
 

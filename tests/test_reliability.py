@@ -19,8 +19,10 @@ import ddt
 import eval as ev
 import hinted_decode
 import train
-from data import OutputLock, read_log
 from model import Transformer
+from plumbing.files import OutputLock, read_log
+from plumbing.metrics import curves, read_metrics
+from plumbing.report import plot_run
 from tokenizer import Tokenizer
 
 torch.set_num_threads(1)
@@ -183,9 +185,9 @@ def test_resume_with_allowed_changes_continues_the_run(tiny_model_dir, tmp_path)
     (out / "latest").write_text("checkpoints/step-0000002\n")  # as if it had stopped after step 2
     assert train.main(train_args(tiny_model_dir, data, out, max_steps=5, lr_warmup_ratio=0.5, save_every=1,
                                  micro_batch_size=1, log_every=1, keep_checkpoints=3) + ["--resume"]) == 0
-    rows = [r for r in train.read_metrics(out) if "loss" in r]
+    rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    straight_rows = [r for r in train.read_metrics(straight) if "loss" in r]
+    straight_rows = [r for r in read_metrics(straight) if "loss" in r]
     assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in straight_rows[:2]]
     assert json.loads((out / "args.json").read_text())["args"]["max_steps"] == 5
 
@@ -235,7 +237,7 @@ def test_second_training_on_the_same_out_is_refused(tiny_model_dir, tmp_path, ca
     assert train.main(train_args(tiny_model_dir, data, out, max_steps=3) + ["--resume"]) == 2
     finish_gated(tmp_path, first)
     assert train.main(train_args(tiny_model_dir, data, tmp_path / "alone", max_steps=3)) == 0
-    rows, alone = train.read_metrics(out), train.read_metrics(tmp_path / "alone")
+    rows, alone = read_metrics(out), read_metrics(tmp_path / "alone")
     assert [r["step"] for r in rows] == [1, 2, 3]  # the first run's log is whole, nothing interleaved
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in alone], rel=1e-5)
     assert not (tmp_path / ".run.lock").exists()  # released and removed
@@ -326,16 +328,16 @@ def test_torn_metrics_line_is_dropped_on_resume_and_plot_tolerates_it(tiny_model
     assert "dropping an incomplete last line" in capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # all complete now
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["loss"] for r in rows] == [r["loss"] for r in train.read_metrics(tmp_path / "straight")]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(tmp_path / "straight")]
 
 
 def test_plot_draws_eval_loss(tiny_model_dir, tmp_path):
     data = write_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     assert train.main(train_args(tiny_model_dir, data, out, max_steps=3, eval_every=1, eval_data=data)) == 0
-    series = train.curves(train.read_metrics(out))
+    series = curves(read_metrics(out))
     assert [step for step, _ in series["eval_loss"]] == [1, 2, 3] and [s for s, _ in series["loss"]] == [1, 2, 3]
-    assert train.plot_run(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_run(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- Ctrl-C; 7. no checkpoint before the first step; `latest` falls back -------------------------

@@ -9,7 +9,7 @@ from tokenizers import Regex, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models as hf_models
 
-from data import UserError
+from plumbing.cli import UserError
 from tokenizer import LLAMA3_PATTERN, Tokenizer, gpt2_unicode_to_byte
 
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 import idft
 import train
 from data import encode_example, load_examples
+from plumbing.metrics import read_metrics
+from plumbing.report import plot_run
 from tokenizer import Tokenizer
 
 torch.set_num_threads(1)
@@ -56,7 +58,7 @@ def final_weights(out):
 
 
 def losses(out):
-    return [r["loss"] for r in train.read_metrics(out) if "loss" in r]
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
 
 
 def mean_token_prob(model_dir, data):
@@ -162,9 +164,9 @@ def test_interrupt_and_resume_is_bit_for_bit(tiny_model_dir, tmp_path, monkeypat
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert losses(out) == losses(tmp_path / "straight")
-    lams = [r["lambda"] for r in train.read_metrics(out) if "lambda" in r]
+    lams = [r["lambda"] for r in read_metrics(out) if "lambda" in r]
     assert len(set(lams)) > 2  # the schedule moves during these 6 steps: a restart at step 0 would show
-    assert lams == [r["lambda"] for r in train.read_metrics(tmp_path / "straight") if "lambda" in r]
+    assert lams == [r["lambda"] for r in read_metrics(tmp_path / "straight") if "lambda" in r]
 
 
 def test_checkpoint_loads_in_transformers(tiny_model_dir, tmp_path):
@@ -181,13 +183,13 @@ def test_checkpoint_loads_in_transformers(tiny_model_dir, tmp_path):
     tokens = torch.arange(3, 40)[None]
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-4
-    assert train.plot_run(out).is_file()
+    assert plot_run(out).is_file()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     data = write_data(tmp_path / "d.jsonl", QUESTIONS[:4])
     out = tmp_path / "run"
-    real = train.idft.chunked_loss
+    real = train.idft.chunked_loss_sum
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -195,7 +197,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path,
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 4 else loss), n, toks  # NaN from step 3 on
 
-    monkeypatch.setattr(train.idft, "chunked_loss", poisoned)
+    monkeypatch.setattr(train.idft, "chunked_loss_sum", poisoned)
     assert train.main(base_args(tiny_model_dir, data, out, max_steps=5, save_every=1)) == 1
     assert (out / "latest").read_text().strip().endswith("step-0000002")
 
@@ -212,14 +214,14 @@ def test_two_processes_equal_one(sharding, tiny_model_dir, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train.main(base_args(tiny_model_dir, data, tmp_path / "single", **knobs)) == 0
-    evals = [[r["eval_loss"] for r in train.read_metrics(tmp_path / d) if "eval_loss" in r] for d in ("single", "ddp")]
+    evals = [[r["eval_loss"] for r in read_metrics(tmp_path / d) if "eval_loss" in r] for d in ("single", "ddp")]
     assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-5)
     one, two = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for name in one:
         assert torch.allclose(one[name], two[name], atol=2e-6, rtol=0), name
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
     # the logged φ/γ statistics are those of every token of the step, not rank 0's share
-    one_rows, two_rows = ([r for r in train.read_metrics(tmp_path / d) if "loss" in r] for d in ("single", "ddp"))
+    one_rows, two_rows = ([r for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("single", "ddp"))
     keys = [k for k in one_rows[0] if k.startswith(("phi_", "gamma_")) or k == "n_valid"]
     assert {"phi_mean", "phi_std", "phi_min", "phi_max", "phi_median", "phi_hist", "gamma_mean", "gamma_hist",
             "n_valid"} <= set(keys)
@@ -258,7 +260,7 @@ def test_bundled_model_trains_two_steps_on_generated_data(tmp_path):
     code = train.main(["--data", str(tmp_path / "data" / "train.jsonl"), "--out", str(out), "--max-steps", "2",
                        "--batch-size", "2", "--micro-batch-size", "1", "--max-len", "512", "--save-every", "2"])
     assert code == 0
-    rows = [r for r in train.read_metrics(out) if "loss" in r]
+    rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 2
     # step 1's logged loss is the plain reference loss (full logits, autograd path) of step 1's
     # batch under the untouched bundled model: the memory-lean path and the bookkeeping agree
@@ -270,13 +272,13 @@ def test_bundled_model_trains_two_steps_on_generated_data(tmp_path):
     [batch] = train.step_batches(seqs, 0, 2, 0, 0, 1, micro_batch_size=2)
     inputs, targets, mask = train.collate(batch, tok.pad_id, "cpu")
     with torch.no_grad():
-        loss_sum, n_valid, _ = idft.token_loss_sum("idft", model(inputs), targets, mask, return_stats=False)
+        loss_sum, n_valid, _ = idft.loss_sum(model(inputs), targets, mask, "idft")
     assert rows[0]["loss"] == pytest.approx(loss_sum.item() / n_valid, rel=1e-5)
 
 
 def test_compiled_step_equals_eager(tiny_model_dir, tmp_path):
     # The GPU default (torch.compile of model + chunked loss) must train the same model; CPU
-    # inductor exercises the same graph capture, custom autograd Function included.
+    # inductor exercises the same graph capture, the checkpointed chunked loss included.
     data = write_data(tmp_path / "d.jsonl", QUESTIONS)
     # lr 1e-4: Adam moves every weight by about ±lr, so a gradient element near zero whose sign
     # differs by rounding would show as a 2e-4 difference; a wrong graph moves most elements.
