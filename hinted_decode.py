@@ -267,15 +267,19 @@ def make_record(model, tokenizer, ex: Example, text: str | None, source: str, fi
     }
 
 
-def seeds(args, examples: list[Example], stage: str) -> list[int] | None:
-    """One sampling seed per example (ranks.example_seed): its tokens do not depend on its batch or rank."""
+def seeds(args, examples: list[Example], stage: str, step: int | None = None) -> list[int] | None:
+    """One sampling seed per example (and online step; ranks.example_seed): its tokens do not
+    depend on its batch, its rank or a resume."""
+    stage = stage if step is None else f"{stage}@{step}"
     return None if args.seed is None else [example_seed(args.seed, ex.id, stage) for ex in examples]
 
 
-def rewrite_batch(model, tokenizer, batch: list[Example], args, write=None) -> list[dict]:
+def rewrite_batch(model, tokenizer, batch: list[Example], args, write=None, step: int | None = None) -> list[dict]:
     """The pipeline's rule for one batch: the model's own answer, kept if it verifies
     ("on_policy"); else the hinted rewrite, kept if it verifies ("hinted"); else "failed". One
-    record per example, handed to `write` as soon as it is made; returns them all."""
+    record per example, handed to `write` as soon as it is made; returns them all. args: the
+    decoding knobs (`decoding_knobs`); step: train.py --online's step, which keys the sampling
+    seeds with the example's id (the offline pipeline: None)."""
     records = []
 
     def emit(record):
@@ -286,7 +290,7 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, write=None) -> l
     stops = tokenizer.stop_ids
     plain = [tokenizer.encode_chat(ex.prompt, add_generation_prompt=True) for ex in batch]
     own, own_finish = generate(model, plain, args.max_new_tokens, stop_ids=stops, temperature=args.temperature,
-                               top_p=args.top_p, seed=seeds(args, batch, "own"))
+                               top_p=args.top_p, seed=seeds(args, batch, "own", step))
     ref_phi = {ex.id: phi_stats(model, tokenizer, ex.prompt, ex.response) for ex in batch}
     todo = []
     for ex, ids, finish, prompt in zip(batch, own, own_finish, plain):
@@ -317,7 +321,7 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, write=None) -> l
     new, finishes = hinted_generate(
         model, hints, [p for _, p in todo], beta=args.beta, mode=args.mode, max_new_tokens=args.max_new_tokens,
         stop_ids=stops, temperature=args.temperature, top_p=args.top_p, splitter=splitters, tokenizer=tokenizer,
-        seed=seeds(args, [ex for ex, _ in todo], "hinted"), sigmoid_center=args.sigmoid_center,
+        seed=seeds(args, [ex for ex, _ in todo], "hinted", step), sigmoid_center=args.sigmoid_center,
         piecewise_bounds=tuple(args.piecewise_bounds))
     for (ex, _), ids, finish in zip(todo, new, finishes):
         text = tokenizer.decode(strip_stop(ids, stops))
@@ -444,6 +448,44 @@ def run_demo(args) -> int:
 # ---- Command line ------------------------------------------------------------------------------
 
 
+def splitter_flag(text: str) -> str | None:
+    return None if text == "none" else text
+
+
+def add_decoding_flags(ap, prefix: str = "", max_new_tokens: int | None = None):
+    """The knobs of the pipeline's decoding: hinted_decode.py's flags, or train.py --online's with
+    the prefix "online-" (train.py's own --beta is IDFT's β, not β_mix)."""
+    def flag(name, **kw):
+        ap.add_argument(f"--{prefix}{name}", **kw)
+
+    flag("beta", type=nonnegative_float, default=3.0,
+         help="β_mix, the slope of the mixing rule (default 3; 0 = hint stream alone)")
+    flag("mode", choices=MODES, default="linear", help="mixing rule (default linear: λ_mix = clamp(β_mix·h, 0, 1))")
+    flag("sigmoid-center", type=fraction, default=0.5, help="c of the sigmoid mode")
+    flag("piecewise-bounds", type=fraction, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"),
+         help="mode piecewise: λ_mix = 0 below H1, 1 above H2, linear between (default 0.3 0.7)")
+    flag("max-new-tokens", type=positive_int, default=max_new_tokens,
+         help=f"longest answer and rewrite (default {max_new_tokens or '512; demo: 256'})")
+    flag("temperature", type=nonnegative_float, default=0.0,
+         help="0 = greedy (default); the authors' demo uses top-p 0.95 and temperature 0.3")
+    flag("top-p", type=probability, default=1.0, help="nucleus, applied before the temperature")
+    flag("splitter", type=splitter_flag, default="auto",
+         help="text after which the plain stream decodes alone; 'auto' (default): '####' or "
+              "'\\boxed{' from the reference's answer format; 'none': never switch")
+    flag("analysis", action=argparse.BooleanOptionalAction, default=False,
+         help="first write a greedy '# Analysis' prefix, cut at the last '# CoT' header "
+              "(default off: small models rarely write the headers)")
+    flag("analysis-max-tokens", type=positive_int, default=256, help="longest analysis prefix")
+
+
+def decoding_knobs(args, prefix: str = "") -> argparse.Namespace:
+    """The knobs rewrite_batch reads (beta, mode, ..., seed) from parsed flags with `prefix`."""
+    names = [n for n in DECODING_SETTINGS if n != "model"]
+    knobs = {n: getattr(args, prefix.replace("-", "_") + n, None) for n in names}
+    knobs["seed"] = args.seed
+    return argparse.Namespace(**knobs)
+
+
 def parse_args(argv=None):
     from hub import BUNDLED_NAME
 
@@ -457,33 +499,14 @@ def parse_args(argv=None):
     ap.add_argument("--data", help="JSONL training data (GSM8K, prompt/response or messages format)")
     ap.add_argument("--out", help="JSONL output (required with --data)")
     ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
-    ap.add_argument("--beta", type=nonnegative_float, default=3.0,
-                    help="β_mix, the slope of the mixing rule (default 3; 0 = hint stream alone)")
-    ap.add_argument("--mode", choices=MODES, default="linear", help="mixing rule (default linear: λ_mix = clamp(β_mix·h, 0, 1))")
-    ap.add_argument("--sigmoid-center", type=fraction, default=0.5, help="c of the sigmoid mode")
-    ap.add_argument("--piecewise-bounds", type=fraction, nargs=2, default=(0.3, 0.7), metavar=("H1", "H2"),
-                    help="mode piecewise: λ_mix = 0 below H1, 1 above H2, linear between (default 0.3 0.7)")
-    ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="default 512 (demo: 256)")
+    add_decoding_flags(ap)
     ap.add_argument("--batch-size", type=positive_int, default=8, help="examples decoded together (2 rows each)")
-    ap.add_argument("--temperature", type=nonnegative_float, default=0.0,
-                    help="0 = greedy (default); the authors' demo uses --top-p 0.95 --temperature 0.3")
-    ap.add_argument("--top-p", type=probability, default=1.0, help="nucleus, applied before the temperature")
     ap.add_argument("--seed", type=nonnegative_int, default=0,
                     help="sampling seed; each example samples with its own seed, from --seed and its id")
-    ap.add_argument("--splitter", default="auto",
-                    help="text after which the plain stream decodes alone; 'auto' (default): '####' or "
-                         "'\\boxed{' from the reference's answer format; 'none': never switch")
-    ap.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=False,
-                    help="first write a greedy '# Analysis' prefix, cut at the last '# CoT' header "
-                         "(default off: small models rarely write the headers)")
-    ap.add_argument("--analysis-max-tokens", type=positive_int, default=256, help="longest analysis prefix")
     ap.add_argument("--limit", type=positive_int, default=None, help="only the first N examples of --data")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    if args.splitter == "none":
-        args.splitter = None
-    return args
+    return ap.parse_args(argv)
 
 
 def check_args(args):
@@ -493,8 +516,7 @@ def check_args(args):
         raise UserError("--out needs --data")
     if args.data is not None and args.out is None:
         raise UserError("--data needs --out")
-    if args.mode == "piecewise" and not args.piecewise_bounds[0] < args.piecewise_bounds[1]:
-        raise UserError("--piecewise-bounds H1 H2 needs H1 < H2")
+    check_decoding_flags(args)
     if args.data is not None:
         check_input(args.data, "--data")
         check_output(args.out, "--out")
@@ -502,6 +524,12 @@ def check_args(args):
         # fixed ending, two spellings of one output ("a", "a.jsonl") cannot take two locks
         if not args.out.endswith(".jsonl"):
             raise UserError(f"--out {args.out}: name the output NAME.jsonl")
+
+
+def check_decoding_flags(args, prefix: str = ""):
+    lo, hi = getattr(args, prefix.replace("-", "_") + "piecewise_bounds")
+    if getattr(args, prefix.replace("-", "_") + "mode") == "piecewise" and not lo < hi:
+        raise UserError(f"--{prefix}piecewise-bounds H1 H2 needs H1 < H2")
 
 
 def main(argv=None) -> int:

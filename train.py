@@ -29,17 +29,18 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import idft
-from data import encode_example, load_examples
+from data import Example, encode_example, load_examples
 from ddt import next_token_targets, pad_sequences
+from hinted_decode import add_decoding_flags, check_decoding_flags, decoding_knobs, rewrite_batch
 from hub import BUNDLED_NAME, resolve_model_dir
 from model import Transformer
 from plumbing.checkpoints import find_resume, latest_checkpoint, save_checkpoint, start_step, write_run_settings
 from plumbing.cli import (ArgumentParser, UserError, fraction, nonnegative_float, nonnegative_int, positive_float,
                           positive_int, run_cli)
 from plumbing.files import check_input, check_output, lock_output
-from plumbing.metrics import append_metrics
+from plumbing.metrics import append_metrics, append_records
 from plumbing.report import plot_run
-from plumbing.ranks import gather_tokens, parallelize, setup_training, unwrap
+from plumbing.ranks import Ranks, gather_in_order, gather_tokens, parallelize, setup_training, shard, unwrap
 from tokenizer import Tokenizer
 
 LENGTH_BUCKET = 64  # micro-batches are padded to a multiple of this: few distinct shapes to compile
@@ -66,19 +67,25 @@ def tokenize_dataset(path, tokenizer, max_len) -> tuple[list[Sequence], int]:
     return seqs, skipped
 
 
+def step_items(items: list, step: int, batch_size: int, seed: int) -> list:
+    """The items (sequences, or problems with --online) of optimizer step `step`: a pure function
+    of (seed, epoch, step), so a resumed run sees exactly the batches an uninterrupted run would."""
+    epoch, index = divmod(step, len(items) // batch_size)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [items[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+
+def deal(batch: list[Sequence], rank: int, world: int, micro_batch_size: int) -> list[list[Sequence]]:
+    """This rank's micro-batches of a step's sequences: sorted by length, then dealt to the ranks
+    and cut into micro-batches (less padding, same loss: tokens are summed)."""
+    mine = sorted(batch, key=lambda s: len(s.ids))[rank::world]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
 def step_batches(seqs: list[Sequence], step: int, batch_size: int, seed: int, rank: int, world: int,
                  micro_batch_size: int) -> list[list[Sequence]]:
-    """This rank's micro-batches for optimizer step `step`.
-
-    The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches
-    the uninterrupted run would. Within a step the sequences are sorted by length before they
-    are dealt to ranks and micro-batches: less padding, same loss (tokens are summed).
-    """
-    epoch, index = divmod(step, len(seqs) // batch_size)
-    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    batch = sorted((seqs[i] for i in order[index * batch_size:(index + 1) * batch_size]), key=lambda s: len(s.ids))
-    mine = batch[rank::world]
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    """This rank's micro-batches for optimizer step `step` of offline training."""
+    return deal(step_items(seqs, step, batch_size, seed), rank, world, micro_batch_size)
 
 
 def collate(seqs: list[Sequence], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,6 +206,61 @@ def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dic
     return {"eval_loss": total / max(count, 1), "eval_phi_mean": phi_sum / max(count, 1)}
 
 
+# ---- Online: the model rewrites each step's problems with its current weights -------------------
+
+
+def load_problems(path) -> list[Example]:
+    """--online's data: problems with a question and a gold answer (any format that carries one)."""
+    problems = load_examples(path)
+    for ex in problems:
+        if ex.answer is None:
+            raise UserError(f"{ex.source}:{ex.line}: no gold answer ('#### N' or \\boxed{{...}} in the solution, or a "
+                            "'final_answer' field): --online trains on answers it can verify")
+        if not any(m["role"] == "user" for m in ex.prompt):
+            raise UserError(f"{ex.source}:{ex.line}: no user message: --online needs a question to answer")
+    return problems
+
+
+def online_batch(model, tokenizer, problems: list[Example], step: int, args, rank: int, world: int):
+    """The sequences one online step trains on, made with the current weights: each rank runs the
+    pipeline's rule (hinted_decode.rewrite_batch: own answer if verified, else the hinted rewrite
+    if verified, else dropped, or with --online-fallback reference the reference) on its share of
+    the step's problems. Returns (the step's sequences, its records, its yield), the same on every
+    rank; records carry the step, the source (own / hinted / reference / dropped), the finish
+    reason and φ under the generating model."""
+    ranks, knobs = Ranks(rank, world), decoding_knobs(args, "online-")
+
+    def rewrite(batch):  # one record per problem, in problem order
+        by_id = {r["id"]: r for r in rewrite_batch(model, tokenizer, batch, knobs, step=step + 1)}
+        return [by_id[ex.id] for ex in batch]
+
+    model.eval()
+    mine = shard(problems, ranks, args.online_batch_size)
+    with torch.no_grad():
+        made = [r for i in range(0, len(mine), args.online_batch_size)
+                for r in rewrite(mine[i:i + args.online_batch_size])]
+    model.train()
+    seqs, records, phis = [], [], []
+    for ex, made_record in zip(problems, gather_in_order(made, ranks, args.online_batch_size)):
+        source = {"on_policy": "own", "hinted": "hinted"}.get(made_record["source"], "dropped")
+        text, phi = made_record["response"], made_record["phi"]
+        if source == "dropped" and args.online_fallback == "reference":
+            source, text, phi = "reference", ex.response, made_record["phi_reference"]
+        trained = False
+        if source != "dropped":
+            ids, n_prompt = encode_example(tokenizer, Example(ex.id, ex.prompt, text, ex.answer, ex.line, ex.source))
+            trained = len(ids) <= args.max_len  # never truncated: a longer one is left out, as offline
+            if trained:
+                seqs.append(Sequence(ids, n_prompt))
+                phis.append(phi["phi_mean"])
+        records.append({"step": step + 1, "id": ex.id, "source": source, "trained": trained,
+                        **{k: made_record[k] for k in ("finish_reason", "predicted_answer", "response", "phi",
+                                                       "phi_reference")}})
+    counts = {f"online_{s}": sum(r["source"] == s for r in records) for s in ("own", "hinted", "reference", "dropped")}
+    return seqs, records, {**counts, "online_trained": len(seqs),
+                           "online_phi_mean": sum(phis) / len(phis) if phis else None}
+
+
 # ---- The loop -----------------------------------------------------------------------------------
 
 
@@ -210,14 +272,17 @@ def train(args) -> int:
     resume_dir = find_resume(out, args, log)  # None: a new run
     source_dir = resolve_model_dir(args.model)
     tokenizer = Tokenizer.from_pretrained(source_dir)
-    seqs, skipped = tokenize_dataset(args.data, tokenizer, args.max_len)
+    if args.online:  # problems, answered and rewritten at every step; else the sequences themselves
+        items, skipped = load_problems(args.data), 0
+    else:
+        items, skipped = tokenize_dataset(args.data, tokenizer, args.max_len)
     eval_seqs = tokenize_dataset(args.eval_data, tokenizer, args.max_len)[0] if args.eval_data else []
-    if len(seqs) < args.batch_size:
-        raise UserError(f"{args.data}: {len(seqs)} usable examples ({skipped} longer than --max-len "
+    if len(items) < args.batch_size:
+        raise UserError(f"{args.data}: {len(items)} usable examples ({skipped} longer than --max-len "
                         f"{args.max_len}), fewer than --batch-size {args.batch_size}")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world})")
-    total_steps = args.max_steps or max(1, round(args.epochs * (len(seqs) // args.batch_size)))
+    total_steps = args.max_steps or max(1, round(args.epochs * (len(items) // args.batch_size)))
 
     model = Transformer.from_pretrained(resume_dir or source_dir, dtype=torch.float32, device=device).train()
     knobs = dict(beta=args.beta, gamma_min=args.gamma_min, gamma_max=args.gamma_max, b=args.threshold,
@@ -231,8 +296,9 @@ def train(args) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     if main_process:
         write_run_settings(out, args)
-        log(f"{len(seqs)} training sequences ({skipped} skipped: longer than --max-len {args.max_len}); "
-            f"{total_steps} steps of {args.batch_size}; loss {args.loss}; world {world}; compile {compile_step}; {dtype}")
+        log(f"{len(items)} {'problems, rewritten online' if args.online else 'training sequences'} "
+            f"({skipped} skipped: longer than --max-len {args.max_len}); {total_steps} steps of {args.batch_size}; "
+            f"loss {args.loss}; world {world}; compile {compile_step}; {dtype}")
     n_params = sum(p.numel() for p in model.parameters())
     peak_flops = next((f for k, f in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
 
@@ -247,22 +313,40 @@ def train(args) -> int:
             lr = learning_rate(step, total_steps, args.lr, args.lr_warmup_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = step_batches(seqs, step, args.batch_size, args.seed, rank, world, args.micro_batch_size)
-            result = train_step(step_fn, loss_head, optimizer, micro_batches, lam, tokenizer.pad_id, device,
-                                autocast, args.grad_clip, world)
+            batch, online = step_items(items, step, args.batch_size, args.seed), {}
+            if args.online:  # generate with the current weights: the step's sequences and their records
+                batch, records, online = online_batch(model, tokenizer, batch, step, args, rank, world)
+                online["gen_seconds"] = time.perf_counter() - t0
+                if main_process:  # before the update: a resume drops the records of an unfinished step
+                    append_records(out / "online.jsonl", records)
+            result = None
+            if batch:  # online: empty when nothing verified; the step is then logged and skipped
+                t_train = time.perf_counter()
+                # a rank with nothing to train on still joins the step's gradient all-reduce: one row
+                # without response tokens adds 0 to the loss and to N_valid
+                micro_batches = deal(batch, rank, world, args.micro_batch_size) or [[Sequence([tokenizer.pad_id] * 2, 2)]]
+                result = train_step(step_fn, loss_head, optimizer, micro_batches, lam, tokenizer.pad_id, device,
+                                    autocast, args.grad_clip, world)
+                if args.online:
+                    online["train_seconds"] = time.perf_counter() - t_train
             step += 1
             bar.update(1)
             seconds = time.perf_counter() - t0
 
-            if main_process and (step % args.log_every == 0 or step == total_steps):
-                stats = idft.loss_stats(result.phi, result.gamma, args.beta, args.gamma_min, args.gamma_max,
-                                        entropy=result.entropy)
-                record = {"step": step, "loss": result.loss, "lr": lr, "lambda": lam, "grad_norm": result.grad_norm,
-                          "tokens_per_s": result.n_tokens * world / seconds, "skipped_examples": skipped, **stats}
-                if peak_flops:
-                    record["mfu"] = 6 * n_params * result.n_tokens * world / seconds / (peak_flops * world)
+            if main_process and (step % args.log_every == 0 or step == total_steps or result is None):
+                record = {"step": step, "lr": lr, "lambda": lam, "skipped_examples": skipped, **online}
+                if result is None:
+                    record["skipped"] = "nothing kept: no update"
+                    log(f"step {step}: nothing verified, nothing kept: no update")
+                else:
+                    stats = idft.loss_stats(result.phi, result.gamma, args.beta, args.gamma_min, args.gamma_max,
+                                            entropy=result.entropy)
+                    record.update(loss=result.loss, grad_norm=result.grad_norm,
+                                  tokens_per_s=result.n_tokens * world / seconds, **stats)
+                    if peak_flops:
+                        record["mfu"] = 6 * n_params * result.n_tokens * world / seconds / (peak_flops * world)
+                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", phi=f"{stats['phi_mean']:+.3f}")
                 append_metrics(out, record)
-                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", phi=f"{stats['phi_mean']:+.3f}")
             if eval_seqs and (step % args.eval_every == 0 or step == total_steps):
                 metrics = evaluate(loss_head, eval_seqs, tokenizer.pad_id, device, args.micro_batch_size, autocast)
                 if main_process:
@@ -336,9 +420,22 @@ def parse_args(argv=None):
                     help="compute dtype (autocast; weights and optimizer stay float32). Default: bfloat16 on CUDA")
     ap.add_argument("--fsdp", action="store_true", help="shard parameters across ranks with FSDP2 (under torchrun)")
     ap.add_argument("--plot", metavar="RUN_DIR", default=None, help="draw RUN_DIR/metrics.jsonl to RUN_DIR/curves.png and exit")
+    online = ap.add_argument_group("online on-policy SFT (docs/math.md): the model rewrites each step's problems "
+                                   "with its current weights, then trains on what verified")
+    online.add_argument("--online", action="store_true",
+                        help="each step: the model's own answers that verify, else its hinted rewrites that verify; "
+                             "records in RUN/online.jsonl (needs problems with gold answers)")
+    online.add_argument("--online-fallback", choices=("drop", "reference"), default="drop",
+                        help="a problem with neither: dropped from the step (default: only on-policy data is "
+                             "trained), or its reference trained instead")
+    online.add_argument("--online-batch-size", type=positive_int, default=8, help="problems decoded together")
+    add_decoding_flags(online, prefix="online-", max_new_tokens=512)
     args = ap.parse_args(argv)
     if args.plot is None and args.data is None:
         ap.error("--data is required (or --plot RUN_DIR)")
+    if not args.online and (changed := [k for k in vars(args) if k.startswith("online_")
+                                        and getattr(args, k) != ap.get_default(k)]):
+        ap.error(f"--{changed[0].replace('_', '-')} needs --online")
     return args
 
 
@@ -346,6 +443,10 @@ def check_args(args):
     """What the argparse types cannot see: relations between flags, and the files named."""
     if not args.gamma_min <= args.gamma_max:
         raise UserError(f"--gamma-min {args.gamma_min} must not exceed --gamma-max {args.gamma_max}")
+    if args.online and args.fsdp:
+        raise UserError("--online decodes with the whole model on every rank, which --fsdp shards; use data "
+                        "parallel without --fsdp (DDP)")
+    check_decoding_flags(args, "online-")
     check_input(args.data, "--data")
     if args.eval_data:
         check_input(args.eval_data, "--eval-data")

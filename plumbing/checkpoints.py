@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from plumbing.cli import UserError
 from plumbing.files import atomic_write, changed_settings, file_sha256
-from plumbing.metrics import keep_metrics_until
+from plumbing.metrics import keep_until
 from plumbing.ranks import unwrap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -104,7 +104,7 @@ def run_settings(args) -> dict:
     settings["data"] = "sha256:" + file_sha256(args.data)
     settings["eval_data"] = "sha256:" + file_sha256(args.eval_data) if args.eval_data else None
     settings["dtype"] = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    return settings
+    return json.loads(json.dumps(settings))  # as args.json gives it back (tuples become lists)
 
 
 def write_run_settings(out: Path, args):
@@ -149,15 +149,17 @@ def find_resume(out: Path, args, log) -> Path | None:
 
 def start_step(out: Path, args, resume_dir: Path | None, loss_head, optimizer, cuda: bool, main: bool, log) -> int:
     """The step a run starts at: a checkpoint's (its optimizer state and RNG restored, the
-    metrics of later steps dropped), or 0 with the RNG seeded from --seed."""
+    logged lines of later steps dropped), or 0 with the RNG seeded from --seed."""
     if resume_dir is not None:
         step = restore(resume_dir, loss_head, optimizer, cuda)
         if main:
-            keep_metrics_until(out, step)
+            for log_file in ("metrics.jsonl", "online.jsonl"):
+                keep_until(out / log_file, step)
         log(f"resumed from {resume_dir} at step {step}")
         return step
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if main and args.resume:  # a run that crashed before its first checkpoint: restart its log
-        keep_metrics_until(out, 0)
+    if main and args.resume:  # a run that crashed before its first checkpoint: restart its logs
+        for log_file in ("metrics.jsonl", "online.jsonl"):
+            keep_until(out / log_file, 0)
     return 0

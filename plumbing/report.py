@@ -31,11 +31,16 @@ def plot_run(run_dir: Path) -> Path:
     """RUN/curves.png: one panel per logged quantity of RUN/metrics.jsonl."""
     plt = _pyplot()
     panels = curves(read_metrics(run_dir))
-    if "loss" not in panels:
+    if not panels:
         raise UserError(f"{run_dir / 'metrics.jsonl'}: no training steps logged")
     fig, axes = plt.subplots(math.ceil(len(panels) / 2), 2, figsize=(10, 2.6 * math.ceil(len(panels) / 2)))
     for ax, (key, pts) in zip(axes.flat, panels.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        lines = pts if isinstance(pts[0][1], list) else [(None, pts)]  # a panel of several named series
+        for label, series in lines:
+            ax.plot([p[0] for p in series], [p[1] for p in series], marker="." if len(series) < 50 else None,
+                    label=label)
+        if lines[0][0] is not None:
+            ax.legend(fontsize=7)
         ax.set_title(key)
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(panels):]:

@@ -123,6 +123,7 @@ SEED = 0
 HD_BETA = 3.0  # β of the hinted rewrites (hinted_decode.py's default)
 GRID_LOSSES = ("sft", "dft", "idft")  # trained on the references at every rate of the grid
 HD_LOSSES = ("sft", "idft")  # trained on hd.jsonl at the rate chosen for the same loss
+ONLINE_LOSSES = ("sft", "idft")  # train.py --online on the train problems, at the rate chosen for the same loss
 BASELINE = "sft"  # every other model is compared with it; hd_idft also with hd_sft
 
 
@@ -315,9 +316,11 @@ def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
     return latest if latest is not None and steps_logged and max(steps_logged) >= steps else None
 
 
-def train_run(out: Path, name: str, model: str, loss: str, lr: float, data: Path, scale: Scale) -> dict:
-    """One train.py run (resumed if it stopped); recorded as skipped with too little data."""
-    info = {"loss": loss, "lr": lr, "data": data.stem}
+def train_run(out: Path, name: str, model: str, loss: str, lr: float, data: Path, scale: Scale,
+              online: list[str] | None = None) -> dict:
+    """One train.py run (resumed if it stopped); recorded as skipped with too little data. online:
+    train.py --online with these flags (the data label is then "online")."""
+    info = {"loss": loss, "lr": lr, "data": "online" if online else data.stem}
     run_dir = out / "runs" / name
     n_examples = len(examples_in(data))
     if n_examples < scale.batch_size:
@@ -326,7 +329,8 @@ def train_run(out: Path, name: str, model: str, loss: str, lr: float, data: Path
     argv = ["--data", str(data), "--model", model, "--out", str(run_dir), "--loss", loss,
             "--max-steps", str(scale.steps), "--batch-size", str(scale.batch_size),
             "--micro-batch-size", str(scale.micro_batch_size), "--max-len", str(scale.max_len),
-            "--lr", str(lr), "--seed", str(SEED), "--save-every", str(scale.steps), "--log-every", "1", "--resume"]
+            "--lr", str(lr), "--seed", str(SEED), "--save-every", str(scale.steps), "--log-every", "1", "--resume",
+            *(online or [])]
     settings_file = run_dir / "reproduce_settings.json"
     if reuse(settings_file, argv) is None:
         if run_dir.exists():
@@ -362,6 +366,16 @@ def choose_rates(grid: dict[str, dict]) -> dict[str, str]:
 def hd_train_stage(out: Path, model: str, hd: Path, grid: dict, chosen: dict[str, str], scale: Scale) -> dict:
     return {f"hd_{loss}": train_run(out, f"hd_{loss}", model, loss, grid[chosen[loss]]["lr"], hd, scale)
             for loss in HD_LOSSES if loss in chosen}
+
+
+def online_stage(out: Path, model: str, train_file: Path, grid: dict, chosen: dict[str, str], scale: Scale) -> dict:
+    """train.py --online at each loss's chosen rate: the same steps, batch and problems as the other
+    runs, the hinted rewrites made as the hd stage makes them, but with the current weights."""
+    flags = ["--online", "--online-beta", str(HD_BETA), "--online-max-new-tokens", str(scale.max_new_tokens),
+             "--online-batch-size", str(scale.batch_size)]
+    return {f"online_{loss}": train_run(out, f"online_{loss}", model, loss, grid[chosen[loss]]["lr"], train_file,
+                                        scale, online=flags)
+            for loss in ONLINE_LOSSES if loss in chosen}
 
 
 # ---- Stages: evaluation (validation for every model, then test and held-out) ---------------------
@@ -491,7 +505,8 @@ def ddt_reading(s: dict) -> str:
 # (model, compared with): McNemar on the same questions. The first shows whether the task
 # teaches anything at all; the rest are the paper's claim 2.
 COMPARISONS = (("sft", "base"), ("dft", "sft"), ("idft", "sft"), ("hd_sft", "sft"), ("hd_idft", "sft"),
-               ("hd_idft", "hd_sft"))
+               ("hd_idft", "hd_sft"), ("online_sft", "sft"), ("online_idft", "sft"), ("online_sft", "hd_sft"),
+               ("online_idft", "hd_idft"))
 SPLIT_TITLES = {"test": "test (trained templates)", "heldout": "held-out templates"}
 LEARNING_SHOWS = 0.10  # SFT must beat the base by this much on test for the comparisons to mean something
 
@@ -535,7 +550,7 @@ def grid_table(validation: dict, chosen: dict[str, str], dynamics: dict) -> list
     return lines
 
 
-def final_table(final: dict, validation: dict) -> list[str]:
+def final_table(final: dict, validation: dict, online: dict) -> list[str]:
     lines = ["| model | lr | test accuracy [95% CI] | held-out accuracy [95% CI] | test NLL | held-out NLL "
              "| KL(base ‖ model) | φ of its training data: base → after | test answers at length limit |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -545,7 +560,9 @@ def final_table(final: dict, validation: dict) -> list[str]:
             lines.append(f"| {name} | | skipped: {r['skipped']} | | | | | | |")
             continue
         phi = "–"
-        if name != "base":
+        if name in online:  # no fixed training data: its own, at the first and last step, as made
+            phi = f"{f(online[name]['phi_first'], '+.3f')} → {f(online[name]['phi_last'], '+.3f')} (as made)"
+        elif name != "base":
             before = base["train_data_phi"].get(r["data"], {}).get("phi_token_mean")
             after = r["train_data_phi"].get(r["data"], {}).get("phi_token_mean")
             phi = f"{f(before, '+.3f')} → {f(after, '+.3f')}"
@@ -589,9 +606,9 @@ def plot_frontier(validation: dict, chosen: dict[str, str], path: Path):
             if name in chosen.values():
                 ax.plot([kl], [v["accuracy"]], "o", markersize=14, markerfacecolor="none", color=LOSS_COLORS[loss])
     for name, r in validation.items():
-        if r.get("data") == "hd" and "validation" in r:
-            ax.plot([r["kl_from_base"]], [r["validation"]["accuracy"]], "D", color=LOSS_COLORS[r["loss"]],
-                    markeredgecolor="black", label=f"{name} (lr {r['lr']:g})")
+        if r.get("data") in ("hd", "online") and "validation" in r:
+            ax.plot([r["kl_from_base"]], [r["validation"]["accuracy"]], "D" if r["data"] == "hd" else "s",
+                    color=LOSS_COLORS[r["loss"]], markeredgecolor="black", label=f"{name} (lr {r['lr']:g})")
     ax.set(xlabel="drift: mean per-token KL(base ‖ model) on everyday prompts",
            ylabel="validation accuracy (95% Wilson CI)",
            title="In-domain accuracy against drift (labels: learning rate; circled: chosen)")
@@ -603,7 +620,8 @@ def plot_frontier(validation: dict, chosen: dict[str, str], path: Path):
 
 
 def plot_dynamics(dynamics: dict, runs: dict, path: Path):
-    """Mean φ and mean entropy H of each step's training tokens, one line per run."""
+    """Mean φ and mean entropy H of each step's training tokens, one line per run; for the online
+    runs also the problems trained per step and the φ of that data under the model that made it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -611,21 +629,60 @@ def plot_dynamics(dynamics: dict, runs: dict, path: Path):
 
     rates = sorted({r["lr"] for r in runs.values()})
     styles = [":", "--", "-", "-."]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    online = [name for name in dynamics if runs[name]["data"] == "online"]
+    fig, axes = plt.subplots(2 if online else 1, 2, figsize=(12, 8.4 if online else 4.2), squeeze=False)
     for name, series in dynamics.items():
         r = runs[name]
         style = dict(color=LOSS_COLORS[r["loss"]], linestyle=styles[rates.index(r["lr"]) % len(styles)],
-                     linewidth=2.4 if r["data"] == "hd" else 1.4, alpha=0.55 if r["data"] == "hd" else 0.9)
-        for ax, key in zip(axes, ("phi_mean", "entropy_mean")):
+                     linewidth=2.4 if r["data"] != "train" else 1.4, alpha=0.55 if r["data"] == "hd" else 0.9,
+                     marker="." if r["data"] == "online" else None, label=name)
+        panels = [("phi_mean", axes[0, 0]), ("entropy_mean", axes[0, 1])]
+        if r["data"] == "online":
+            panels += [("online_trained", axes[1, 0]), ("online_phi_mean", axes[1, 1])]
+        for key, ax in panels:
             if key in series:
-                ax.plot([s for s, _ in series[key]], [v for _, v in series[key]], label=name, **style)
-    axes[0].set(xlabel="step", ylabel="mean φ_t of the step's tokens", title="φ of the training batches")
-    axes[1].set(xlabel="step", ylabel="mean H_t (nats)", title="Entropy of the model on the training batches")
-    axes[0].axhline(0.0, color="gray", linewidth=0.8)
-    axes[1].legend(fontsize=7, ncol=2)
+                ax.plot([s for s, _ in series[key]], [v for _, v in series[key]], **style)
+    axes[0, 0].set(xlabel="step", ylabel="mean φ_t of the step's tokens", title="φ of the training batches")
+    axes[0, 1].set(xlabel="step", ylabel="mean H_t (nats)", title="Entropy of the model on the training batches")
+    axes[0, 0].axhline(0.0, color="gray", linewidth=0.8)
+    axes[0, 1].legend(fontsize=7, ncol=2)
+    if online:
+        axes[1, 0].set(xlabel="step", ylabel="problems trained (of the step's batch)",
+                       title="Online: verified own answers and rewrites per step")
+        axes[1, 1].set(xlabel="step", ylabel="mean φ per example", title="Online: φ of the kept data under the "
+                       "model that made it")
+        axes[1, 1].axhline(0.0, color="gray", linewidth=0.8)
+        axes[1, 0].legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def online_summary(run_dir: Path) -> dict:
+    """What an online run generated and trained, from its metrics.jsonl."""
+    rows = [r for r in read_metrics(run_dir) if "online_trained" in r]
+    tenth = max(1, len(rows) // 4)
+    phis = [r["online_phi_mean"] for r in rows if r["online_phi_mean"] is not None]
+    total = {s: sum(r[f"online_{s}"] for r in rows) for s in ("own", "hinted", "reference", "dropped")}
+    return {"steps": len(rows), "skipped_steps": sum("loss" not in r for r in rows), **total,
+            "trained": sum(r["online_trained"] for r in rows),
+            "trained_per_step_first": sum(r["online_trained"] for r in rows[:tenth]) / tenth,
+            "trained_per_step_last": sum(r["online_trained"] for r in rows[-tenth:]) / tenth,
+            "phi_first": phis[0] if phis else None, "phi_last": phis[-1] if phis else None,
+            "gen_seconds": sum(r["gen_seconds"] for r in rows) / len(rows),
+            "train_seconds": sum(r.get("train_seconds", 0.0) for r in rows) / len(rows)}
+
+
+def online_table(online: dict) -> list[str]:
+    lines = ["| run | steps (skipped: nothing verified) | trained: own + hinted (dropped) | trained per step: "
+             "first → last quarter | φ of the kept data under the model that made it: first → last step | "
+             "seconds per step: generation / training |", "|---|---|---|---|---|---|"]
+    for name, o in online.items():
+        lines.append(f"| {name} | {o['steps']} ({o['skipped_steps']}) | {o['own']} + {o['hinted']} ({o['dropped']}) | "
+                     f"{o['trained_per_step_first']:.1f} → {o['trained_per_step_last']:.1f} | "
+                     f"{f(o['phi_first'], '+.3f')} → {f(o['phi_last'], '+.3f')} | "
+                     f"{o['gen_seconds']:.1f} / {o['train_seconds']:.1f} |")
+    return lines
 
 
 def verdict(t: dict) -> str:
@@ -639,7 +696,7 @@ def verdict(t: dict) -> str:
 
 
 def reading(ddt: dict, hd: dict, chosen: dict, validation: dict, final: dict, tests: list[dict], dynamics: dict,
-            scale: Scale) -> list[str]:
+            scale: Scale, online: dict) -> list[str]:
     """Which claims the numbers support, stated by rules on the numbers (not typed by hand)."""
     out = [ddt_reading(ddt["summary"])]
     if hd["tried"]:
@@ -671,6 +728,18 @@ def reading(ddt: dict, hd: dict, chosen: dict, validation: dict, final: dict, te
         if pair:
             out.append(f"- **{a} vs {b}:** " + "; ".join(
                 f"{SPLIT_TITLES[t['split']]} {100 * t['difference']:+.1f} points, {verdict(t)}" for t in pair) + ".")
+    for name, o in online.items():
+        hd_name = name.replace("online_", "hd_")
+        hd_phi = final.get(hd_name, {}).get("train_data_phi", {}).get("hd", {}).get("phi_token_mean")
+        out.append(f"- **{name}:** {o['trained']} of {o['steps'] * scale.batch_size} problems trained over "
+                   f"{o['steps']} steps ({o['own']} own answers, {o['hinted']} hinted rewrites; "
+                   f"{o['skipped_steps']} steps had nothing verified); {o['trained_per_step_first']:.1f} per step in "
+                   f"the first quarter, {o['trained_per_step_last']:.1f} in the last. Its data's φ under the model "
+                   f"that made it: {f(o['phi_first'], '+.3f')} at the first step, {f(o['phi_last'], '+.3f')} at the "
+                   "last" + (f" (the offline {hd_name} data, made once by the base, is at {hd_phi:+.3f} under "
+                             f"{hd_name} after training)" if hd_phi is not None else "")
+                   + f". Generation takes {o['gen_seconds']:.1f} s of each step's "
+                   f"{o['gen_seconds'] + o['train_seconds']:.1f} s.")
     if "sft" in chosen and "idft" in chosen:
         sft, idft = validation[chosen["sft"]], validation[chosen["idft"]]
         dominating = [name for name, r in validation.items() if r.get("loss") == "idft" and r.get("data") == "train"
@@ -701,10 +770,13 @@ def reading(ddt: dict, hd: dict, chosen: dict, validation: dict, final: dict, te
     return out
 
 
-def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: dict, grid: dict, chosen: dict, hd_runs: dict,
+def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: dict, grid: dict, chosen: dict, more_runs: dict,
            validation: dict, final: dict, timings: dict, argv: list[str], device: str) -> str:
-    runs = {**grid, **hd_runs}
+    """results.md, results.json and the plots of one scale. more_runs: the hd and online runs."""
+    runs = {**grid, **more_runs}
     dynamics = training_dynamics(runs)
+    online = {name: online_summary(Path(r["run_dir"])) for name, r in runs.items()
+              if r["data"] == "online" and "run_dir" in r}
     tests = paired_tests(final)
     plot_frontier(validation, chosen, out / "frontier.png")
     plot_dynamics(dynamics, runs, out / "dynamics.png")
@@ -739,19 +811,21 @@ def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: dict, grid: 
              "Each loss at its chosen rate, and the hd runs, on the test split and the held-out templates (NLL: "
              f"mean per-token negative log-likelihood of the first {scale.n_phi} reference answers; φ of the "
              "training data, mean per token, under the base and under the trained model):", "",
-             *final_table(final, validation), "",
+             *final_table(final, validation, online), "",
              "Paired comparisons on the same questions (exact McNemar; detectable: the difference this comparison "
              "finds with 80% power at two-sided 5%, given how often the two models disagree):", "",
              *paired_table(tests), "",
+             *(["Online runs (train.py --online): what each step generated and trained, and the time it took:", "",
+                *online_table(online), ""] if online else []),
              "![accuracy, test](accuracy_test.png) ![accuracy, held-out](accuracy_heldout.png)", "",
              "**Reading** (generated from the numbers above):", "",
-             *reading(ddt, hd, chosen, validation, final, tests, dynamics, scale), ""]
+             *reading(ddt, hd, chosen, validation, final, tests, dynamics, scale, online), ""]
     text = "\n".join(lines)
     atomic_write(out / "results.md", text)
     strip = lambda r: {k: v for k, v in r.items() if k != "settings"}
     summary = {"scale": scale_name, "settings": scale_settings(scale), "ddt": ddt["summary"], "hd": hd, "chosen": chosen,
                "validation": {n: strip(r) for n, r in validation.items()},
-               "final": {n: strip(r) for n, r in final.items()}, "paired_tests": tests,
+               "final": {n: strip(r) for n, r in final.items()}, "paired_tests": tests, "online": online,
                "minutes_per_stage": {k: v / 60 for k, v in timings.items()}, "command": argv}
     atomic_write(out / "results.json", json.dumps(portable(summary, out), indent=1, ensure_ascii=False) + "\n")
     return text
@@ -795,7 +869,9 @@ def headline(summary: dict) -> list[str]:
         f"{settings['n_test']} + {settings['n_heldout']} paired test questions (exact McNemar).",
         f"- **The task teaches:** SFT vs base on test {diff('sft', 'base')}"
         + (f"; on held-out templates {100 * held['difference']:+.1f} points." if held else "."),
-        "- **Against SFT on test:** " + "; ".join(f"{a} {diff(a, BASELINE)}" for a in others) + ".",
+        "- **Against SFT on test:** " + "; ".join(f"{a} {diff(a, BASELINE)}" for a in others) + "."
+        + ("".join(f" Online against offline: {a} vs {b} {diff(a, b)}." for a, b in on_test
+                   if a.startswith("online_") and b.startswith("hd_"))),
         f"- **Claim 1 (DDT)**, share flagged off-distribution (p < 0.05): {flagged}.",
         "- **Claim 2 (IDFT)**, drift KL(base ‖ model) at the chosen rates: "
         + ", ".join(f"{loss} {value:.3f}" for loss, value in kl.items())
@@ -874,11 +950,15 @@ def run(args, argv: list[str], scale: Scale, out: Path) -> int:
     hd_runs = stage("hd_train", hd_train_stage, out, model, files["hd"], grid, chosen, scale)
     validation.update(stage("hd_validation", lambda: {name: evaluator.run(name, info, "validation")
                                                       for name, info in hd_runs.items()}))
-    finalists = {"base": base, **{loss: {**grid[name], "run": name} for loss, name in chosen.items()}, **hd_runs}
+    online_runs = stage("online", online_stage, out, model, files["train"], grid, chosen, scale)
+    validation.update(stage("online_validation", lambda: {name: evaluator.run(name, info, "validation")
+                                                          for name, info in online_runs.items()}))
+    finalists = {"base": base, **{loss: {**grid[name], "run": name} for loss, name in chosen.items()}, **hd_runs,
+                 **online_runs}
     final = stage("final", lambda: {name: evaluator.run(info.get("run", name), info, "final")
                                     for name, info in finalists.items()})
-    text = report(out, args.scale, scale, ddt, hd_summary(files["hd"]), grid, chosen, hd_runs, validation, final,
-                  timings.seconds, argv, args.device)
+    text = report(out, args.scale, scale, ddt, hd_summary(files["hd"]), grid, chosen, {**hd_runs, **online_runs},
+                  validation, final, timings.seconds, argv, args.device)
     if args.out is None:
         update_readme(out.parent)
     print(text)

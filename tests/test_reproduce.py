@@ -59,7 +59,16 @@ def test_every_stage_leaves_its_outputs(study):
     assert "**Claim 1 (DDT)**" in md and "**Claim 2 (IDFT)**" in md and "**Reading**" in md
     assert "exact McNemar" in md and "Minutes per stage" in md
     assert all(f"| {name} |" in md for name in grid)
-    assert set(json.loads((study / "timings.json").read_text())) >= {"data", "ddt", "hd", "grid", "select", "final"}
+    assert set(json.loads((study / "timings.json").read_text())) >= {"data", "ddt", "hd", "grid", "select", "online",
+                                                                     "final"}
+    # the online arms: train.py --online at each loss's chosen rate, its steps all logged, in the report
+    for loss in reproduce.ONLINE_LOSSES:
+        name = f"online_{loss}"
+        assert summary["final"][name]["lr"] == summary["validation"][summary["chosen"][loss]]["lr"]
+        records = read_jsonl(study / "runs" / name / "online.jsonl")
+        assert len(records) == scale.steps * scale.batch_size and {r["step"] for r in records} == {1, 2}
+        assert summary["online"][name]["steps"] == scale.steps and f"| {name} |" in md
+    assert "Online runs (train.py --online)" in md
 
 
 def test_each_loss_keeps_the_rate_best_on_validation(study):
