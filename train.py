@@ -9,6 +9,9 @@
     optimizer  AdamW (betas 0.9 / 0.95, weight decay on matrices only), learning rate: linear
                warmup, then cosine decay to 0; gradient clipping.
 
+`--online` makes the data at every step with the current weights (`online_batch`): the model's
+own verified answers, else its verified hinted rewrites (hinted_decode.rewrite_batch).
+
 Below this file (plumbing/): checkpoints and `--resume`, which continues bit for bit on CPU,
 λ and learning rate included (checkpoints.py); metrics.jsonl and `--plot RUN` (metrics.py,
 report.py); DDP and FSDP2 under `torchrun --nproc_per_node N train.py ...` (ranks.py).
