@@ -116,8 +116,8 @@ def test_one_training_per_real_run_directory(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "L").symlink_to(real)
     first = start_gated(tmp_path, "train", "learning_rate", train_args(tiny_model_dir, data, real, max_steps=3))
     try:
-        for spelling in (tmp_path / "L", tmp_path / "A" / "." / ".." / "A"):
-            assert train.main(train_args(tiny_model_dir, data, spelling, max_steps=3)) == 2
+        for spelling in (tmp_path / "L", tmp_path / "A" / "." / ".." / "A"):  # no checkpoint yet: it would start over
+            assert train.main(train_args(tiny_model_dir, data, spelling, max_steps=3) + ["--resume"]) == 2
             assert f"{real} is in use by another run (pid {first.pid})" in one_error_line(capsys.readouterr().err)
         # the lock file deleted by hand: a second training gets in, and the first stops before its next write
         (real / ".run.lock").unlink()
@@ -132,14 +132,22 @@ def test_one_training_per_real_run_directory(tiny_model_dir, tmp_path, capsys):
     assert all(torch.equal(alone[k], v) for k, v in weights(real).items())
 
 
+# An existing output of each tool (its marker keys), which a second run may extend or replace
+OWN_OUTPUT = {"hd": "",
+              "eval": json.dumps({"command": "python eval.py", "versions": {}, "data": {}, "models": []}),
+              "ddt": json.dumps({"id": "q0", "line": 1, "n_tokens": 3, "phi_mean": 0.1, "z": 0, "p_value": 0.5}) + "\n"}
+
+
 @pytest.mark.parametrize("cli", ["hd", "eval", "ddt"])
 @pytest.mark.usefixtures("nothing_loads")
 def test_a_second_writer_through_a_symlink_is_refused(cli, tiny_model_dir, tmp_path, capsys):
     data = write_data(tmp_path / "d.jsonl")
     real = tmp_path / OUT_NAME[cli]
-    (tmp_path / "link").symlink_to(tmp_path)  # the same output through a symlinked directory
+    real.write_text(OWN_OUTPUT[cli])
+    link = tmp_path / f"link{real.suffix}"
+    link.symlink_to(real)
     with OutputLock(real):
-        assert CLIS[cli](tiny_model_dir, data, tmp_path / "link" / real.name) == 2
+        assert CLIS[cli](tiny_model_dir, data, link) == 2
     assert f"{real} is in use by another run (pid {os.getpid()})" in one_error_line(capsys.readouterr().err)
 
 
