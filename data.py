@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from plumbing.cli import UserError
-from plumbing.files import check_input
+from plumbing.files import check_input, json_problem
 
 ROLES = ("system", "user", "assistant")
 
@@ -72,10 +72,16 @@ def load_examples(path) -> list[Example]:
             continue
         try:
             obj = json.loads(text)
+            found = SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an integer beyond 4300 digits, nesting beyond the stack
+            raise UserError(f"{where}: not valid JSON ({json_problem(e)})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected a JSON object, got {_json_type(obj)}")
+        if found:
+            raise UserError(f"{where}: field '{found[0]}': a lone surrogate ({ascii(found[1])[1:-1]}) is not text "
+                            "(a character beyond U+FFFF needs both halves of its pair)")
         ex = _parse_example(obj, where, lineno, str(path))
         if ex.id in first_line_of_id:
             raise UserError(
@@ -87,6 +93,27 @@ def load_examples(path) -> list[Example]:
     if not examples:
         raise UserError(f"{path}: no examples (file is empty)")
     return examples
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a UTF-16 surrogate gets into a JSON line
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value, field: str = "") -> tuple[str, str] | None:
+    """(field, character) of the first string of a parsed JSON value (key or value) that holds a
+    lone UTF-16 surrogate. json.loads accepts "\\ud800" alone, but no UTF-8 file can hold it, so
+    every output made from that example would fail when it is written: refused at load instead."""
+    if isinstance(value, str):
+        match = SURROGATE.search(value)
+        return (field, match[0]) if match else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{field}[{key}]" if isinstance(key, int) else key.encode("utf-8", "backslashreplace").decode()
+        name = f"{field}.{name}" if field and isinstance(key, str) else name
+        found = (isinstance(key, str) and _lone_surrogate(key, name)) or _lone_surrogate(item, name)
+        if found:
+            return found
+    return None
 
 
 def _parse_example(obj: dict, where: str, lineno: int, source: str) -> Example:

@@ -59,15 +59,21 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return z - z.exp().sum(-1, keepdim=True).log()
 
 
+# Below this log p, p = exp(log p) is 0 in float32: clamping log p there changes no term p·f(log p),
+# and turns a masked entry's 0·(−inf) = NaN into 0 (p log p = 0 where p = 0).
+LOG_P_FLOOR = -1e4
+
+
 def entropy(log_p: torch.Tensor) -> torch.Tensor:
-    """H = −Σ_v p(v) log p(v) per row of log p [n, |V|]: the one entropy of the project."""
-    return -row_sum(lambda lp: lp.exp() * lp, log_p)
+    """H = −Σ_v p(v) log p(v) per row of log p [n, |V|]: the one entropy of the project. p log p = 0
+    where p = 0, so a −inf entry (a masked vocabulary entry) adds nothing."""
+    return -row_sum(lambda lp: lp.exp() * lp.clamp(min=LOG_P_FLOOR), log_p)
 
 
 def varentropy(log_p: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """V = Σ_v p(v) (log p(v) + H)²: the centred form of Σ p (log p)² − H², which would subtract
-    two nearly equal numbers."""
-    return row_sum(lambda lp, h: lp.exp() * (lp + h).square(), log_p, H[:, None])
+    two nearly equal numbers. Entries with p = 0 add nothing, −inf ones included."""
+    return row_sum(lambda lp, h: lp.exp() * (lp.clamp(min=LOG_P_FLOOR) + h).square(), log_p, H[:, None])
 
 
 @dataclass
@@ -267,13 +273,16 @@ def summarize(rows: list[dict], alpha: float) -> dict:
 # ---- Command line -----------------------------------------------------------------------------
 
 
+SCORE_KEYS = ("id", "line", "n_tokens", "phi_mean", "z", "p_value")  # every line of ddt.py's output has these
+
+
 def score_file(args, out) -> int:
     """Score --data (this process's share under torchrun), and on rank 0 write `out` and print
     the summary."""
     import json
 
     from data import encode_example, load_examples
-    from model import Transformer
+    from model import Transformer, check_vocabulary
     from plumbing.files import atomic_write
     from plumbing.report import plot_scores
     from plumbing.ranks import rank_device, start_ranks
@@ -284,17 +293,18 @@ def score_file(args, out) -> int:
     ranks = start_ranks()
     model = Transformer.from_pretrained(args.model, device=rank_device("cuda" if torch.cuda.is_available() else "cpu"))
     tok = Tokenizer.from_pretrained(args.model)
+    check_vocabulary(tok, model.config.vocab_size, args.model)
     skip_ids = () if args.end_of_turn else (tok.eos_id,)
     rows = map_sharded(examples, lambda batch: score_examples(
         model, [encode_example(tok, ex) for ex in batch], tok.pad_id, args.batch_size, token_phi=args.plot,
         skip_ids=skip_ids), ranks, args.batch_size, desc="scoring")
     if not ranks.main:
         return 0
-    if args.plot:
-        plot_scores(rows, out.with_suffix(".png"))
     lines = [json.dumps({"id": ex.id, "line": ex.line, **{k: v for k, v in r.items() if k != "phi_tokens"}})
              for ex, r in zip(examples, rows)]
     atomic_write(out, "".join(line + "\n" for line in lines))
+    if args.plot:  # after the scores, which mark it as ddt.py's (main)
+        plot_scores(rows, out.with_suffix(".png"))
     s = summarize(rows, args.alpha)
     scored = "response + end-of-turn token" if args.end_of_turn else "response text alone (--no-end-of-turn)"
     print(f"{s['examples']} examples, {s['response_tokens']} response tokens scored ({scored}) by {args.model}")
@@ -315,7 +325,8 @@ def main(argv=None) -> int:
 
     from hub import BUNDLED_NAME
     from plumbing.cli import ArgumentParser, UserError, positive_int, run_cli
-    from plumbing.files import check_input, check_output, lock_output
+    from plumbing.files import (check_disjoint, check_input, check_output, check_replaceable, lock_output, lock_path,
+                                written_by)
 
     ap = ArgumentParser(description="Score how on-policy a data set's responses are for a model (DDT).")
     ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
@@ -335,7 +346,16 @@ def main(argv=None) -> int:
         if not 0 < args.alpha < 1:
             raise UserError(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
         check_input(args.data, "--data")
-        out = check_output(args.out or Path(args.data).with_suffix(".ddt.jsonl"), "--out")
+        out = check_output(args.out or Path(args.data).with_suffix(".ddt.jsonl"), "--out")  # its real path
+        plot = [out.with_suffix(".png")] if args.plot else []
+        if out in plot:
+            raise UserError(f"--out {out}: the scores and their plot would share a file; name it NAME.jsonl")
+        check_disjoint([("--out", p) for p in (out, *plot, lock_path(out))],
+                       [("--data", args.data), ("--model", args.model)])
+        # replace only ddt.py's own outputs: scores by their keys, the plot when the scores beside it are ours
+        check_replaceable(out, "--out", "ddt.py", lambda p: written_by(p, SCORE_KEYS))
+        for path in plot:
+            check_replaceable(path, "--out", "ddt.py", lambda p: written_by(out, SCORE_KEYS))
         with lock_output(out):  # under torchrun, rank 0's lock covers the run
             return score_file(args, out)
 

@@ -22,8 +22,10 @@ Distribution metrics (--ddt; float32, full vocabulary, docs/math.md):
     answer tokens: the "forgetting" IDFT is meant to reduce.
 
 Outputs for --out R.json: R.json (every metric, the command, versions, the data's sha256),
-R.<model>.jsonl (one row per question), and with several models R.md and R.png. torchrun
-shares the questions out (plumbing/records.py); the files equal a one-process run's.
+R.<model>.jsonl (one row per question), and with several models R.md and R.png. None may be an
+input, and an existing one is replaced only if eval.py wrote it (R.json and the rows by their
+keys, R.md and R.png when R.json lists them). torchrun shares the questions out
+(plumbing/records.py); the files equal a one-process run's.
 """
 
 import argparse
@@ -41,9 +43,10 @@ import torch
 from data import answers_match, encode_example, find_answer, load_examples
 from ddt import STATS_CHUNK, float32_logits, log_probs, response_hidden, row_sum, score_examples, spread
 from hub import resolve_model_dir
-from model import Transformer, generate
+from model import Transformer, check_vocabulary, generate, read_config
 from plumbing.cli import ArgumentParser, UserError, positive_int, run_cli
-from plumbing.files import atomic_write, check_input, check_output, file_sha256, lock_output
+from plumbing.files import (atomic_write, check_disjoint, check_input, check_output, check_replaceable, file_sha256,
+                            lock_output, lock_path, read_json, written_by)
 from plumbing.report import bar_chart, fmt, markdown_table, versions
 from plumbing.ranks import Ranks, every_rank, rank_device, start_ranks
 from plumbing.records import map_sharded
@@ -167,10 +170,12 @@ def phi_summary(rows: list[dict]) -> dict:
     }
 
 
-def load(path: Path, args):
-    """(model, tokenizer) from a resolved model directory."""
+def load(path: Path, args, tokenizer=None):
+    """(model, tokenizer) from a resolved model directory (its tokenizer: loaded already, or now)."""
     model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype), device=rank_device(args.device))
-    return model, Tokenizer.from_pretrained(path)
+    tokenizer = tokenizer or Tokenizer.from_pretrained(path)
+    check_vocabulary(tokenizer, model.config.vocab_size, path)
+    return model, tokenizer
 
 
 def general_prompts(path) -> list[list[dict]]:
@@ -202,10 +207,15 @@ def run(args, argv) -> int:
     # resolve every name first, so a typo in the last --model fails now, not after hours
     model_dirs = [resolve_model_dir(name).resolve() for name in args.model]
     base_dir = resolve_model_dir(args.base).resolve() if args.base else None
+    # and every tokenizer, checked against its model's vocabulary, before the first model computes
+    named = [*zip(args.model, model_dirs), *([(args.base, base_dir)] if args.base else [])]
+    tokenizers = {path: Tokenizer.from_pretrained(path) for _, path in named}
+    for name, path in named:
+        check_vocabulary(tokenizers[path], read_config(path).vocab_size, name)
     base = base_tok = drift_seqs = None
     if args.base:
         chats = general_prompts(args.general_prompts)
-        base, base_tok = load(base_dir, args)
+        base, base_tok = load(base_dir, args, tokenizers[base_dir])
         print(f"base {args.base}: greedy answers to the general prompts", file=sys.stderr)
         prompts = [base_tok.encode_chat(m, add_generation_prompt=True) for m in chats]
         gens, _ = generate_all(base, prompts, base_tok.stop_ids, args.general_max_new_tokens, args.batch_size,
@@ -215,7 +225,7 @@ def run(args, argv) -> int:
     results = []
     for i, (name, path) in enumerate(zip(args.model, model_dirs)):
         print(f"model {name}", file=sys.stderr)
-        model, tok = (base, base_tok) if path == base_dir else load(path, args)
+        model, tok = (base, base_tok) if path == base_dir else load(path, args, tokenizers[path])
         if base is not None and (tok.vocab_size, model.config.vocab_size) != (base_tok.vocab_size,
                                                                              base.config.vocab_size):
             raise UserError(f"{name}: KL from --base {args.base} needs the same tokenizer and vocabulary")
@@ -236,8 +246,7 @@ def run(args, argv) -> int:
             summary["kl_from_base"] = {"kl_token_mean": sum(sums) / sum(counts),
                                        "kl_prompt_max": max(s / c for s, c in zip(sums, counts)),
                                        "n_tokens": sum(counts), "n_prompts": len(counts)}
-        label = slug(name) if [slug(m) for m in args.model].count(slug(name)) == 1 else f"{i}-{slug(name)}"
-        outputs = out.with_name(f"{out.stem}.{label}.jsonl")
+        outputs = rows_path(out, args.model, i)
         if ranks.main:
             atomic_write(outputs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         results.append({"name": name, "path": str(path), "outputs": str(outputs), **summary})
@@ -262,15 +271,49 @@ def run(args, argv) -> int:
     if len(results) > 1:
         record["table"] = str(out.with_suffix(".md"))
         record["chart"] = str(out.with_suffix(".png"))
+    atomic_write(out, json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # first: it claims the table and chart
+    if len(results) > 1:
         atomic_write(out.with_suffix(".md"), table)
         bar_chart(results, out.with_suffix(".png"))
-    atomic_write(out, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", Path(name).name or name).strip("._") or "model"
+
+
+def rows_path(out: Path, names: list[str], i: int) -> Path:
+    """R.<model>.jsonl, the answers of the i-th --model (with its index when two names share a slug)."""
+    slugs = [slug(name) for name in names]
+    label = slugs[i] if slugs.count(slugs[i]) == 1 else f"{i}-{slugs[i]}"
+    return out.with_name(f"{out.stem}.{label}.jsonl")
+
+
+RESULTS_KEYS = ("command", "versions", "data", "models")  # eval.py's marks: every results file has these keys,
+ROW_KEYS = ("id", "question", "output", "gold", "pred", "correct", "stop")  # and every line of an answers file
+
+
+def check_outputs(args):
+    """Every file eval.py will write: none is an input, and an existing one is replaced only if
+    eval.py wrote it (the results and the answers by their keys; the table and the chart when
+    the results file names them)."""
+    out = Path(args.out)
+    rows = [rows_path(out, args.model, i) for i in range(len(args.model))]
+    side = [out.with_suffix(".md"), out.with_suffix(".png")] if len(args.model) > 1 else []
+    outputs = [out, *rows, *side]
+    if len(set(outputs)) < len(outputs):
+        raise UserError(f"--out {out}: the results, answers, table and chart would share a file; name it NAME.json")
+    check_disjoint([("--out", p) for p in (*outputs, lock_path(out))],
+                   [("--data", args.data), ("--general-prompts", args.general_prompts), ("--base", args.base),
+                    *(("--model", name) for name in args.model)])
+    check_replaceable(out, "--out", "eval.py", lambda p: written_by(p, RESULTS_KEYS))
+    for path in rows:
+        check_replaceable(path, "--out", "eval.py", lambda p: written_by(p, ROW_KEYS))
+    claimed = read_json(out) if side and written_by(out, RESULTS_KEYS) else {}
+    names = {Path(str(claimed.get(key))).name for key in ("table", "chart")}
+    for path in side:
+        check_replaceable(path, "--out", "eval.py", lambda p: p.name in names)
 
 
 # ---- Command line -----------------------------------------------------------------------------
@@ -309,7 +352,8 @@ def check_args(args):
     if args.general_prompts and not args.base:
         raise UserError("--general-prompts needs --base (they are only used for the KL drift)")
     check_input(args.data, "--data")
-    check_output(args.out, "--out")
+    args.out = str(check_output(args.out, "--out"))  # its real path: one output under any spelling
+    check_outputs(args)
 
 
 def main(argv=None) -> int:

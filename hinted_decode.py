@@ -28,17 +28,16 @@ import argparse
 import math
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from data import Example, answers_match, encode_example, extract_answer, find_answer, load_examples
 from ddt import entropy, log_probs, score_examples
-from model import (KVCache, Transformer, decode_step, finish_reason, generate, last_logits, left_pad, row_generators,
-                   sample_next, worth_compacting)
+from model import (KVCache, Transformer, check_vocabulary, decode_step, finish_reason, generate, last_logits,
+                   left_pad, row_generators, sample_next, worth_compacting)
 from plumbing.cli import (ArgumentParser, UserError, fraction, nonnegative_float, nonnegative_int, positive_int,
                           probability, run_cli)
-from plumbing.files import check_input, check_output, lock_output
+from plumbing.files import check_disjoint, check_input, check_output, lock_output, lock_path
 from plumbing.ranks import example_seed, rank_device, start_ranks
 from plumbing.records import RecordLog
 
@@ -89,8 +88,10 @@ def mixing_weight(h: torch.Tensor, beta: float, mode: str = "linear", sigmoid_ce
 
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """z = (1 − λ_mix) log p + λ_mix log q per row ([B, |V|], λ_mix [B]): the geometric mixture
-    ∝ p^(1−λ_mix) q^λ_mix in log space (unnormalized: argmax, top-p and temperature need no constant)."""
-    return (1.0 - lam)[:, None] * log_p + lam[:, None] * log_q
+    ∝ p^(1−λ_mix) q^λ_mix in log space (unnormalized: argmax, top-p and temperature need no constant).
+    A stream of weight 0 drops out, p^0 = 1 even where p = 0: no 0·(−inf) = NaN for a masked entry."""
+    w_p, w_q = (1.0 - lam)[:, None], lam[:, None]
+    return torch.where(w_p > 0, w_p * log_p, 0.0) + torch.where(w_q > 0, w_q * log_q, 0.0)
 
 
 # ---- Batched two-stream decoding ---------------------------------------------------------------
@@ -377,12 +378,11 @@ def run_pipeline(args) -> int:
         if not any(m["role"] == "user" for m in ex.prompt):
             raise UserError(f"{ex.source}:{ex.line}: no user message: the question to answer is missing")
     log = record_log(args.out)
-    if Path(args.data).resolve() in (log.out.resolve(), log.side_path().resolve()):
-        raise UserError(f"--out {log.out}: would write into --data itself; choose another --out")
 
     def start_work():
         tokenizer = Tokenizer.from_pretrained(args.model)
         model = Transformer.from_pretrained(args.model, device=rank_device(args.device))
+        check_vocabulary(tokenizer, model.config.vocab_size, args.model)
         return lambda batch, write: rewrite_batch(model, tokenizer, batch, args, write)
 
     ranks = start_ranks()  # under torchrun: this process does its share of the examples
@@ -418,6 +418,7 @@ def run_demo(args) -> int:
 
     tokenizer = Tokenizer.from_pretrained(args.model)
     model = Transformer.from_pretrained(args.model, device=args.device)
+    check_vocabulary(tokenizer, model.config.vocab_size, args.model)
     ex = Example("demo", [{"role": "user", "content": DEMO_QUESTION}], DEMO_REFERENCE, "58", 0, "demo")
     stops = tokenizer.stop_ids
     plain = tokenizer.encode_chat(ex.prompt, add_generation_prompt=True)
@@ -519,11 +520,14 @@ def check_args(args):
     check_decoding_flags(args)
     if args.data is not None:
         check_input(args.data, "--data")
-        check_output(args.out, "--out")
+        args.out = str(check_output(args.out, "--out"))  # its real path: the side files hang off it
         # the side files (NAME.failed.jsonl, NAME.settings.json, the parts) hang off NAME: with one
         # fixed ending, two spellings of one output ("a", "a.jsonl") cannot take two locks
         if not args.out.endswith(".jsonl"):
             raise UserError(f"--out {args.out}: name the output NAME.jsonl")
+        log = record_log(args.out)
+        check_disjoint([("--out", p) for p in (*log.written_files(), lock_path(log.out))],
+                       [("--data", args.data), ("--model", args.model)])
 
 
 def check_decoding_flags(args, prefix: str = ""):

@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from plumbing.cli import UserError
+from plumbing.files import read_json
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -316,13 +317,7 @@ class Transformer(nn.Module):
         from hub import resolve_model_dir
 
         path = resolve_model_dir(str(name_or_path))
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{config_file}: missing (every HF checkpoint has a config.json)")
-        try:
-            cfg = ModelConfig.from_hf(json.loads(config_file.read_text()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{config_file}: cannot read the model config ({type(e).__name__}: {e})") from None
+        cfg = read_config(path)
         with torch.device("meta"):
             model = cls(cfg)
         expected = {cls.hf_name(n): p for n, p in model.state_dict().items()}
@@ -338,6 +333,14 @@ class Transformer(nn.Module):
                         state[key] = f.get_tensor(key).to(dtype)
             except SafetensorError as e:
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        # NaN or inf weights would run and mislead (NaN scores, argmax-0 tokens, exit code 0): one
+        # float32 sum per tensor finds them cheaply; a sum that overflows is confirmed exactly
+        sums = torch.stack([t.sum(dtype=torch.float32) for t in state.values()]) if state else torch.zeros(0)
+        if not sums.isfinite().all():
+            bad = [key for key, t in state.items() if not t.isfinite().all()]
+            if bad:
+                raise CheckpointError(f"{path}: tensor {bad[0]!r} holds NaN or infinite values"
+                                      + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
         missing = sorted(set(expected) - set(state))
         if missing:
             raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
@@ -391,6 +394,26 @@ class Transformer(nn.Module):
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"))
 
 
+def read_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a model directory's config.json, or a one-line CheckpointError."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (every HF checkpoint has a config.json)")
+    try:
+        return ModelConfig.from_hf(read_json(config_file))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{config_file}: cannot read the model config ({type(e).__name__}: {e})") from None
+
+
+def check_vocabulary(tokenizer, vocab_size: int, where) -> None:
+    """Refuse, before any compute, a tokenizer with ids that the model has no embedding row for:
+    they would fail in the middle of a run. ids 0 .. n_ids − 1 need n_ids ≤ |V| = config.json's
+    vocab_size; more rows than ids (padding rows) are fine."""
+    if tokenizer.n_ids > vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has token ids up to {tokenizer.n_ids - 1}, but the model has "
+                              f"{vocab_size} rows in its vocabulary (config.json vocab_size): not its tokenizer")
+
+
 def _write_atomically(path: Path, write) -> None:
     """write(temporary path), then rename it to `path`: readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: os.replace is atomic
@@ -405,7 +428,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: one file, or the shards its index lists."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         files = [path / s for s in shards]
     else:
         files = sorted(path.glob("*.safetensors"))

@@ -84,6 +84,7 @@ import tiktoken
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from plumbing.cli import UserError
+from plumbing.files import read_json
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Digits(individual_digits=True) then GPT-2 ByteLevel split, as one regex (see docstring).
@@ -138,8 +139,15 @@ def _pattern_from_pre_tokenizer(pre: dict | None, where: Path) -> str:
 
 
 def _read_tokenizer_json(path: Path):
-    """tokenizer.json -> (mergeable_ranks, special tokens, other added tokens, pattern, nfc)."""
-    tj = json.loads(path.read_text(encoding="utf-8"))
+    """tokenizer.json -> (mergeable_ranks, special tokens, other added tokens, pattern, nfc); a file
+    that is not one is a one-line UserError."""
+    try:
+        return _parse_tokenizer_json(read_json(path), path)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"{path}: not a tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def _parse_tokenizer_json(tj: dict, path: Path):
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UserError(f"{path}: only byte-level BPE tokenizers are supported, got model {model.get('type')!r}")
@@ -193,7 +201,7 @@ def _token_text(value) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def _compile_template(source: str, where: str) -> jinja2.Template:
@@ -234,6 +242,7 @@ class Tokenizer:
         self._special_text = {i: t for t, i in self.special_tokens.items()}
         self._nfc = nfc
         self._ids_known = set(ranks.values()) | set(self._special_text) | set(self.added_tokens.values())
+        self.n_ids = max(self._ids_known) + 1  # ids run below this: the model needs as many embedding rows
         missing = bytes(b for b in range(256) if bytes([b]) not in ranks)
         self._missing = re.compile(b"[" + re.escape(missing) + b"]") if missing else None
         self._fill = "" if self._missing and self._missing.search("\ufffd".encode()) else "\ufffd"

@@ -36,11 +36,12 @@ from data import Example, encode_example, load_examples
 from ddt import next_token_targets, pad_sequences
 from hinted_decode import add_decoding_flags, check_decoding_flags, decoding_knobs, rewrite_batch
 from hub import BUNDLED_NAME, resolve_model_dir
-from model import Transformer
-from plumbing.checkpoints import find_resume, latest_checkpoint, save_checkpoint, start_step, write_run_settings
-from plumbing.cli import (ArgumentParser, UserError, fraction, nonnegative_float, nonnegative_int, positive_float,
-                          positive_int, run_cli)
-from plumbing.files import check_input, check_output, lock_output
+from model import Transformer, check_vocabulary
+from plumbing.checkpoints import (RUN_OUTPUTS, find_resume, latest_checkpoint, save_checkpoint, snapshot_tokenizer,
+                                  start_step, tokenizer_source, write_run_settings)
+from plumbing.cli import (ArgumentParser, RunError, UserError, fraction, nonnegative_float, nonnegative_int,
+                          positive_float, positive_int, run_cli)
+from plumbing.files import check_disjoint, check_input, check_output, lock_output
 from plumbing.metrics import append_metrics, append_records
 from plumbing.report import plot_run
 from plumbing.ranks import Ranks, gather_in_order, gather_tokens, parallelize, setup_training, shard, unwrap
@@ -272,9 +273,10 @@ def train(args) -> int:
     cuda, main_process, out = device.type == "cuda", rank == 0, Path(args.out)
     log = tqdm.write if main_process else (lambda *a, **k: None)
 
-    resume_dir = find_resume(out, args, log)  # None: a new run
     source_dir = resolve_model_dir(args.model)
-    tokenizer = Tokenizer.from_pretrained(source_dir)
+    resume_dir = find_resume(out, args, source_dir, log)  # None: a new run
+    tokenizer_dir = tokenizer_source(out, source_dir, resume_dir)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     if args.online:  # problems, answered and rewritten at every step; else the sequences themselves
         items, skipped = load_problems(args.data), 0
     else:
@@ -288,6 +290,9 @@ def train(args) -> int:
     total_steps = args.max_steps or max(1, round(args.epochs * (len(items) // args.batch_size)))
 
     model = Transformer.from_pretrained(resume_dir or source_dir, dtype=torch.float32, device=device).train()
+    check_vocabulary(tokenizer, model.config.vocab_size, resume_dir or source_dir)
+    if args.eaft_top_k is not None and args.eaft_top_k > model.config.vocab_size:
+        raise UserError(f"--eaft-top-k {args.eaft_top_k} exceeds the model's vocabulary ({model.config.vocab_size})")
     knobs = dict(beta=args.beta, gamma_min=args.gamma_min, gamma_max=args.gamma_max, b=args.threshold,
                  top_k=args.eaft_top_k)
     loss_head = parallelize(LossHead(model, args.loss, knobs), model.layers, distributed, args.fsdp, device)
@@ -297,8 +302,9 @@ def train(args) -> int:
     step_fn = torch.compile(loss_head) if compile_step else loss_head
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    if main_process:
-        write_run_settings(out, args)
+    if main_process:  # the arguments, data and model have passed: the run's first writes
+        snapshot_tokenizer(out, tokenizer_dir)
+        write_run_settings(out, args, source_dir)
         log(f"{len(items)} {'problems, rewritten online' if args.online else 'training sequences'} "
             f"({skipped} skipped: longer than --max-len {args.max_len}); {total_steps} steps of {args.batch_size}; "
             f"loss {args.loss}; world {world}; compile {compile_step}; {dtype}")
@@ -367,6 +373,9 @@ def train(args) -> int:
             save()
         log(f"interrupted: saved step {step} in {out}; continue with --resume")
         return 130
+    except (RunError, OSError):  # a full disk, a lost lock: run_cli prints it on a line of its own
+        bar.close()
+        raise
     except FloatingPointError as e:
         bar.close()
         print(f"error: {e} at step {step + 1}; stopping without saving. Last good checkpoint: "
@@ -453,7 +462,9 @@ def check_args(args):
     check_input(args.data, "--data")
     if args.eval_data:
         check_input(args.eval_data, "--eval-data")
-    check_output(args.out, "--out", kind="dir")
+    args.out = str(check_output(args.out, "--out", kind="dir"))  # its real path: one run directory, one lock
+    check_disjoint([("--out", Path(args.out) / name) for name in RUN_OUTPUTS],
+                   [("--data", args.data), ("--eval-data", args.eval_data), ("--model", args.model)])
 
 
 def main(argv=None):
@@ -463,7 +474,7 @@ def main(argv=None):
             print(plot_run(Path(args.plot)))
             return 0
         check_args(args)
-        with lock_output(args.out):  # under torchrun, rank 0's lock covers the run
+        with lock_output(args.out, kind="dir"):  # RUN/.run.lock; under torchrun, rank 0's lock covers the run
             return train(args)
 
     # Ctrl-C once training runs is handled by train(), which saves first

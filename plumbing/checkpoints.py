@@ -1,16 +1,21 @@
 """train.py's run directory: checkpoints, resume, and the settings that make a run one run.
 
     RUN/args.json                      the run-defining settings (a resume must keep them)
+    RUN/tokenizer/                     the model's tokenizer and template files, taken at the start
     RUN/metrics.jsonl                  one line per logged step (plumbing/metrics.py)
     RUN/checkpoints/step-NNNNNNN/      a Hugging Face model directory + trainer_state.pt
     RUN/latest                         the name of the newest checkpoint
 
 A checkpoint is written to a temporary directory and renamed into place whole, so every
 step-N directory is complete; `latest` is written after the rename, and a missing or stale
-pointer falls back to the newest complete checkpoint. trainer_state.pt holds the optimizer
-state, the step and the RNG states, so a resumed run on CPU continues bit for bit.
+pointer falls back to the newest complete checkpoint; a save that fails (a full disk) leaves
+no temporary and every earlier checkpoint as it was. trainer_state.pt holds the optimizer
+state, the step and the RNG states, so a resumed run on CPU continues bit for bit. A run knows
+its model by content (`model_identity`), and every checkpoint gets the tokenizer the run
+started with (RUN/tokenizer), even if the source model directory is gone by then.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -19,15 +24,20 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from plumbing.cli import UserError
-from plumbing.files import atomic_write, changed_settings, file_sha256
+from plumbing.cli import RunError, UserError
+from plumbing.files import atomic_write, changed_settings, check_locks, file_sha256
 from plumbing.metrics import keep_until
 from plumbing.ranks import unwrap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model")
+
+# Everything train.py writes or deletes in RUN (the inputs may not be among them: files.check_disjoint)
+RUN_OUTPUTS = ("args.json", "metrics.jsonl", "online.jsonl", "latest", "checkpoints", "tokenizer", ".tmp-tokenizer",
+               "curves.png", ".run.lock")
 
 # A resume continues the same run: these may change (how long, how often it logs, saves and
 # evaluates, and how the same arithmetic is laid out on the hardware); every other setting
@@ -61,24 +71,40 @@ def save_checkpoint(out: Path, step: int, loss_head, optimizer, source_dir: Path
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
+    check_locks()
     name = f"checkpoints/step-{step:07d}"
     final, tmp = out / name, out / "checkpoints" / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model = unwrap(loss_head).model
-    model.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in model_sd.items()})
-    for f in TOKENIZER_FILES:
-        if (source_dir / f).is_file():
-            shutil.copy2(source_dir / f, tmp / f)
-    state = {"step": step, "optimizer": optim_sd, "source_model": str(source_dir),
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    torch.save(state, tmp / "trainer_state.pt")
+    try:
+        model.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in model_sd.items()})
+        for f in TOKENIZER_FILES:  # the run's own copy (snapshot_tokenizer): the source may be gone
+            if (out / "tokenizer" / f).is_file():
+                shutil.copy2(out / "tokenizer" / f, tmp / f)
+        state = {"step": step, "optimizer": optim_sd, "source_model": str(source_dir),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        torch.save(state, tmp / "trainer_state.pt")
+    except (OSError, RuntimeError, SafetensorError) as e:  # how torch.save and safetensors report a full disk
+        raise failed_save(out, tmp, name, e) from None
     shutil.rmtree(final, ignore_errors=True)  # a leftover from a run that crashed after this step
     os.replace(tmp, final)
     atomic_write(out / "latest", name + "\n")
     old = sorted((out / "checkpoints").glob("step-*"))[:-keep] if keep > 0 else []
     for d in old:
         shutil.rmtree(d)
+
+
+def failed_save(out: Path, tmp: Path, name: str, error: Exception) -> RunError:
+    """The error a failed save stops the run with (exit 1), after removing its half-written
+    temporary directory; the checkpoints on disk and `latest` are untouched, so a --resume
+    (with space freed) continues from the last complete one."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    pointer = out / "latest"
+    last = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RunError(f"could not write {out / name} (a full disk, a file-size limit? {type(error).__name__}: {reason}); "
+                    f"nothing of it is left and {last} is intact: make room, then rerun with --resume")
 
 
 def restore(resume_dir: Path, loss_head, optimizer, cuda: bool) -> int:
@@ -93,46 +119,111 @@ def restore(resume_dir: Path, loss_head, optimizer, cuda: bool) -> int:
     return state["step"]
 
 
+# ---- The run's model and tokenizer ----------------------------------------------------------
+
+IDENTITY_BLOCKS, IDENTITY_BLOCK_BYTES = 16, 4096
+
+
+def model_identity(model_dir: Path) -> str:
+    """What a run knows its --model by: sha256 over config.json, the tokenizer and template files,
+    the weights' index, and for each *.safetensors file its name, size, header (tensor names,
+    shapes, offsets) and 16 blocks of 4 KiB spread evenly over it. Cheap at any size (a 15 GB
+    model is not read whole), and another checkpoint of the same model differs in those blocks.
+    The same directory under another spelling has the same identity; another directory behind
+    the same spelling has not."""
+    digest = hashlib.sha256()
+
+    def feed(label: str, data: bytes | None):
+        digest.update(f"{label}\0{'-' if data is None else len(data)}\0".encode() + (data or b""))
+
+    for name in ("config.json", *TOKENIZER_FILES, "model.safetensors.index.json"):
+        feed(name, (model_dir / name).read_bytes() if (model_dir / name).is_file() else None)
+    for path in sorted(model_dir.glob("*.safetensors")):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(min(size, int.from_bytes(f.read(8), "little")))  # after its 8-byte length
+            blocks = []
+            for k in range(IDENTITY_BLOCKS):
+                f.seek(k * max(0, size - IDENTITY_BLOCK_BYTES) // (IDENTITY_BLOCKS - 1))
+                blocks.append(f.read(IDENTITY_BLOCK_BYTES))
+        feed(f"{path.name}:{size}", header + b"".join(blocks))
+    return "sha256:" + digest.hexdigest()
+
+
+def tokenizer_source(out: Path, source_dir: Path, resume_dir: Path | None) -> Path:
+    """Where a run reads its tokenizer: the source model when it starts (or starts over, having
+    saved no checkpoint); when it resumes, its own copy RUN/tokenizer (a run from before runs
+    took one: its checkpoint's)."""
+    if resume_dir is None:
+        return source_dir
+    return out / "tokenizer" if (out / "tokenizer").is_dir() else resume_dir
+
+
+def snapshot_tokenizer(out: Path, tokenizer_dir: Path) -> None:
+    """Take the tokenizer and template files of `tokenizer_dir` into RUN/tokenizer, whole (a
+    temporary directory renamed into place): every checkpoint copies them from there, so it has
+    them even if the source model directory is deleted or replaced during the run."""
+    own = out / "tokenizer"
+    if own.is_dir() and own.resolve() == tokenizer_dir.resolve():
+        return
+    tmp = out / ".tmp-tokenizer"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in TOKENIZER_FILES:
+            if (tokenizer_dir / f).is_file():
+                shutil.copy2(tokenizer_dir / f, tmp / f)
+        shutil.rmtree(own, ignore_errors=True)  # the copy of a start that saved no checkpoint
+        os.replace(tmp, own)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---- One run per directory ------------------------------------------------------------------
 
 
-def run_settings(args) -> dict:
+def run_settings(args, source_dir: Path) -> dict:
     """The settings that define a run, as saved in RUN/args.json: every flag not in RESUMABLE,
-    with the data files' sha256 (moving a file is fine, changing it is not) and the dtype
-    actually used."""
+    with the model known by content (`model_identity`) and the data files by sha256 (moving or
+    respelling one is fine, changing it is not), and the dtype actually used."""
     settings = {k: v for k, v in vars(args).items() if k not in (*RESUMABLE, "resume", "plot", "out")}
+    settings["model"] = model_identity(source_dir)
     settings["data"] = "sha256:" + file_sha256(args.data)
     settings["eval_data"] = "sha256:" + file_sha256(args.eval_data) if args.eval_data else None
     settings["dtype"] = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     return json.loads(json.dumps(settings))  # as args.json gives it back (tuples become lists)
 
 
-def write_run_settings(out: Path, args):
+def write_run_settings(out: Path, args, source_dir: Path):
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "args.json", json.dumps({"settings": run_settings(args), "args": vars(args)}, indent=2) + "\n")
+    atomic_write(out / "args.json", json.dumps({"settings": run_settings(args, source_dir), "args": vars(args)},
+                                               indent=2) + "\n")
 
 
-def check_same_run(out: Path, args):
+def check_same_run(out: Path, args, source_dir: Path):
     """Refuse a --resume whose run-defining settings differ from those in RUN/args.json."""
     path = out / "args.json"
     if not path.is_file():
         return  # a run from before args.json held its settings: nothing to compare with
     try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        saved = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
         raise UserError(f"{path}: not JSON; cannot check the resume") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("settings", {}), dict):
         raise UserError(f"{path}: not written by train.py; cannot check the resume")
     if "settings" not in saved:  # written by a train.py from before the settings were recorded
         print(f"{path}: an older run's flags, without its settings: the resume is not checked", file=sys.stderr)
         return
-    changed = changed_settings(saved["settings"], run_settings(args))
+    current = run_settings(args, source_dir)
+    if not str(saved["settings"].get("model")).startswith("sha256:"):  # a run from before models were known by content
+        current["model"] = args.model
+    changed = changed_settings(saved["settings"], current)
     if changed:
         raise UserError(f"--resume would join two different trainings in {out}: {'; '.join(changed)} "
                         f"(only --{', --'.join(k.replace('_', '-') for k in RESUMABLE)} may change)")
 
 
-def find_resume(out: Path, args, log) -> Path | None:
+def find_resume(out: Path, args, source_dir: Path, log) -> Path | None:
     """The checkpoint a run starts from: None for a new run. A --out that holds a run needs
     --resume, and a resume must keep the run's settings."""
     if not args.resume:
@@ -143,7 +234,7 @@ def find_resume(out: Path, args, log) -> Path | None:
     if resume_dir is None:
         log(f"no checkpoint in {out}: starting a new run")
     else:
-        check_same_run(out, args)
+        check_same_run(out, args, source_dir)
     return resume_dir
 
 

@@ -9,7 +9,8 @@ records that `is_side` picks, OUT.<side>.jsonl) one line at a time, flushed; und
 rank r appends to OUT.part-r-of-N.jsonl instead. A rerun with any number of processes skips
 every example found in any of these files, after checking that each record was made from the
 example as it is now in --data; the settings that shape the records are stored in
-OUT.settings.json before the first record, and an OUT is only extended with the same ones.
+OUT.settings.json once the model has loaded, before the first record, and an OUT is only
+extended with the same ones (a settings file of ours that describes no record yet is replaced).
 `merge` rewrites every record into the final files in input order and removes the parts;
 `extend` does all of it for a pipeline.
 """
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from plumbing.cli import UserError
 from plumbing.files import append_record, atomic_write, changed_settings, drop_torn_tail, read_log
-from plumbing.ranks import gather_in_order, print_shares, shard
+from plumbing.ranks import every_rank, gather_in_order, print_shares, shard
 
 
 def map_sharded(items: list, work, ranks, batch_size: int, desc: str | None = None, unit: str = "ex") -> list:
@@ -68,10 +69,16 @@ class RecordLog:
         parts = sorted(p for p in out.parent.glob(glob.escape(out.stem) + ".part-*") if part.fullmatch(p.name))
         return [out, self.side_path(), *parts]
 
+    def written_files(self) -> list[Path]:
+        """Every file a run on this output writes, or deletes: the inputs may not be among them."""
+        return [*self.files(), self.settings_path()]
+
     # ---- Settings ---------------------------------------------------------------------------
 
     def check_settings(self, settings: dict, has_records: bool):
-        """Refuse to extend an output made with other settings (or with unknown ones)."""
+        """Refuse to extend an output made with other settings (or with unknown ones), and a
+        settings file that another program wrote. Ours without records (a run stopped before
+        its first one) binds nothing: the new settings replace it."""
         path = self.settings_path()
         if not path.exists():
             if has_records:
@@ -79,13 +86,13 @@ class RecordLog:
                                 "made with are unknown; choose another --out")
             return
         try:
-            saved = json.loads(path.read_text())["settings"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            saved = json.loads(path.read_bytes())["settings"]
+        except (ValueError, RecursionError, KeyError, TypeError):  # not JSON, or not ours
             saved = None
         if not isinstance(saved, dict):
             raise UserError(f"{path}: not written by {self.writer} (no 'settings'); choose another --out")
         changed = changed_settings(saved, settings)
-        if changed:
+        if changed and has_records:
             raise UserError(f"--out {self.out} was made with other settings: {'; '.join(changed)}; rerun with "
                             "those or choose another --out")
 
@@ -160,11 +167,12 @@ class RecordLog:
         todo = [ex for ex in examples if ex.id not in done]
         print(f"{len(examples)} examples, {len(examples) - len(todo)} already in {self.out}, {len(todo)} to do",
               file=sys.stderr)
-        if ranks.main and todo:  # before the first record of any rank
-            self.write_settings(settings)
         seconds = 0.0
         if todo:
-            work = start_work()
+            work = start_work()  # the model loads, and is checked, before anything is written
+            if ranks.main:
+                self.write_settings(settings)
+            every_rank(None, ranks)  # the settings are on disk before the first record of any rank
             start, written = time.perf_counter(), []
             with self.appending(ranks) as append:
                 def write(record):

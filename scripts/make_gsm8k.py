@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 from data import answers_match, find_answer  # noqa: E402
-from plumbing.cli import ArgumentParser, UserError, nonnegative_int, positive_int  # noqa: E402
+from plumbing.cli import ArgumentParser, RunError, UserError, nonnegative_int, positive_int  # noqa: E402
 from plumbing.files import atomic_write, check_output  # noqa: E402
 
 HELDOUT_TEMPLATES = 15  # of the 85 usable templates, kept out of train and test
@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RunError, OSError) as e:  # a full disk, a file-size limit, a lost lock: what was written stays
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: each file is complete or untouched (written atomically)", file=sys.stderr)
         return 130

@@ -70,7 +70,7 @@ import make_gsm8k  # noqa: E402  (scripts/ is on the path: this file lives there
 import train  # noqa: E402
 import study_stats  # noqa: E402
 from data import Example, answers_match, encode_example, extract_answer, load_examples  # noqa: E402
-from plumbing.cli import ArgumentParser, UserError  # noqa: E402
+from plumbing.cli import ArgumentParser, RunError, UserError  # noqa: E402
 from plumbing.files import atomic_write, check_output, lock_output, read_log, replace_marked_block  # noqa: E402
 from plumbing.checkpoints import latest_checkpoint  # noqa: E402
 from plumbing.metrics import curves, read_metrics  # noqa: E402
@@ -919,6 +919,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RunError, OSError) as e:  # a full disk, a file-size limit, a lost lock: what was written stays
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept; rerun the same command to continue", file=sys.stderr)
         return 130

@@ -240,7 +240,7 @@ def test_second_training_on_the_same_out_is_refused(tiny_model_dir, tmp_path, ca
     rows, alone = read_metrics(out), read_metrics(tmp_path / "alone")
     assert [r["step"] for r in rows] == [1, 2, 3]  # the first run's log is whole, nothing interleaved
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in alone], rel=1e-5)
-    assert not (tmp_path / ".run.lock").exists()  # released and removed
+    assert not (out / ".run.lock").exists()  # released and removed
 
 
 def test_second_hinted_decoding_on_the_same_out_is_refused(tiny_model_dir, tmp_path, capsys):
