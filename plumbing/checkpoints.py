@@ -33,7 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # evaluates, and how the same arithmetic is laid out on the hardware); every other setting
 # defines the run and must stay as it was (run_settings).
 RESUMABLE = ("max_steps", "epochs", "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every",
-             "compile", "fsdp")
+             "compile", "fsdp", "pack")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
