@@ -120,16 +120,17 @@ class Batch(NamedTuple):
     docs: torch.Tensor | None
 
 
-def collate(rows: list[list[Sequence]], pad_id: int, device, width: int | None = None) -> Batch:
-    """Each row's sequences end to end, right-padded to `width` inputs (default: the longest row,
-    rounded up to a multiple of LENGTH_BUCKET), then the one shift of ddt.next_token_targets.
+def collate(rows: list[list[Sequence]], pad_id: int, device, pack_len: int | None = None) -> Batch:
+    """Each row's sequences end to end, right-padded, then the one shift of ddt.next_token_targets.
 
-    A sequence keeps its own positions 0..L−1 and a document id of its own; the padding of a
-    row is a document too. The prediction from a sequence's last token is never in the loss
-    (the next token is another sequence's, or padding). With one sequence per row, positions
-    and documents are None: plain causal attention is exact, padding comes after every token used.
+    Packed (pack_len): rows of exactly pack_len inputs; a sequence keeps its own positions
+    0..L−1 and a document id of its own, the padding of a row is a document too, and the
+    prediction from a sequence's last token is never in the loss (the next token is another
+    sequence's, or padding). Unpacked: one sequence per row, rows as long as the longest rounded
+    up to a multiple of LENGTH_BUCKET, positions and documents None: plain causal attention is
+    exact, since padding comes after every token used.
     """
-    width = width or -(-max(sum(len(s.ids) for s in row) - 1 for row in rows) // LENGTH_BUCKET) * LENGTH_BUCKET
+    width = pack_len or -(-max(sum(len(s.ids) for s in row) - 1 for row in rows) // LENGTH_BUCKET) * LENGTH_BUCKET
     tokens = torch.full((len(rows), width + 1), pad_id, dtype=torch.long)
     response = torch.zeros((len(rows), width + 1), dtype=torch.bool)
     positions = torch.zeros((len(rows), width + 1), dtype=torch.long)
@@ -146,9 +147,8 @@ def collate(rows: list[list[Sequence]], pad_id: int, device, width: int | None =
             docs[r, start:end] = doc
             start, doc = end, doc + 1
     targets, mask = next_token_targets(tokens, response)
-    packed = any(len(row) > 1 for row in rows)
     return Batch(tokens[:, :-1].to(device), targets.to(device), mask.to(device),
-                 positions[:, :-1].to(device) if packed else None, docs[:, :-1].to(device) if packed else None)
+                 positions[:, :-1].to(device) if pack_len else None, docs[:, :-1].to(device) if pack_len else None)
 
 
 # ---- Model, loss, optimizer ---------------------------------------------------------------------

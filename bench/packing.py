@@ -116,14 +116,14 @@ def hf_padding_free(path, device, seqs, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(ap, reps=None)
-    ap.add_argument("--sequences", type=int, help="sequences per step (default: 32 quick, 64 bundled)")
-    ap.add_argument("--max-len", type=int, help="row length and longest sequence (default: 512)")
-    ap.add_argument("--median", type=int, help="median sequence length (default: 120 quick, 150 bundled)")
+    ap.add_argument("--sequences", type=int, help="sequences per step (default: 32 quick, 64 CPU, 128 CUDA)")
+    ap.add_argument("--max-len", type=int, help="row length and longest sequence (default: 512; CUDA 2048)")
+    ap.add_argument("--median", type=int, help="median sequence length (default: 120 quick, 150 CPU, 600 CUDA)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="rows (or sequences) per micro-batch")
     args = ap.parse_args(argv)
     device = setup(args)
     cuda = device.type == "cuda"
-    args.sequences = args.sequences or (32 if args.quick else 256 if cuda else 64)
+    args.sequences = args.sequences or (32 if args.quick else 128 if cuda else 64)
     args.max_len = args.max_len or (2048 if cuda else 512)
     args.median = args.median or (600 if cuda else 120 if args.quick else 150)
     reps = args.reps or (2 if cuda or args.quick else 1)
