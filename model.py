@@ -128,10 +128,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalize in float32 like the reference implementation, then scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # x / sqrt(mean(x²) + eps) in float32 like the reference implementation (one op),
+        # then scale in the input dtype.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -151,9 +150,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x, cos, sin):
+    """RoPE in HF's rotate-half form, x·cos + (−x₂ ‖ x₁)·sin for x = (x₁ ‖ x₂), written with the
+    sign folded into sin (`Transformer.rope` gives (−sin ‖ sin)): x·cos + roll(x, d/2)·sin, the
+    same numbers in two fewer operations per tensor."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def document_attention(q, k, v, docs, cu_seqlens=None):
@@ -236,8 +237,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin  # cos, sin: [B, T, 1, head_dim]
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: [B, T, 1, head_dim]
         if docs is not None:  # packed rows
             return self.o_proj(document_attention(q, k, v, docs, cu_seqlens).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
@@ -335,10 +335,11 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def rope(self, positions: torch.Tensor, dtype):
-        """cos and sin for positions [B, T], shaped [B, T, 1, head_dim] to broadcast over heads."""
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """(cos ‖ cos) and (−sin ‖ sin) of θ_i · position for positions [B, T] (`apply_rope`),
+        shaped [B, T, 1, head_dim] to broadcast over heads."""
+        freqs = positions[..., None, None].float() * self.inv_freq  # [B, T, 1, head_dim/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
     def hidden_states(self, tokens, slots=None, cache: KVCache | None = None, *, positions=None, docs=None):
         """Final normalized hidden states h_t, [B, T, dim].

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common import GiB, add_common_args, load_ours, model_dir, new_report, peak, reset_peak, run_worker, setup, write_report
-from model import prefill, rotate_half
+from model import apply_rope, prefill
 
 CHUNK_ROWS = 16  # the old prefill's rows per chunk (hinted_decode.PREFILL_ROWS before issue 22)
 
@@ -60,7 +60,7 @@ def masked_prefill(model, prompts, max_new_tokens):
             v = a.v_proj(h).view(B, T, a.n_kv_heads, a.head_dim)
             if a.qk_norm:
                 q, k = a.q_norm(q), a.k_norm(k)
-            q, k = (t * cos + rotate_half(t) * sin for t in (q, k))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             k_cache, v_cache = cache.k[i, rows], cache.v[i, rows]
             k_cache.index_copy_(2, slots, k)
