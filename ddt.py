@@ -285,13 +285,15 @@ def score_file(args, out) -> int:
     from model import Transformer, check_vocabulary
     from plumbing.files import atomic_write
     from plumbing.report import plot_scores
+    from plumbing.precision import compute_dtype
     from plumbing.ranks import rank_device, start_ranks
     from plumbing.records import map_sharded
     from tokenizer import Tokenizer
 
     examples = load_examples(args.data)[:args.limit]
     ranks = start_ranks()
-    model = Transformer.from_pretrained(args.model, device=rank_device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = rank_device("cuda" if torch.cuda.is_available() else "cpu")
+    model = Transformer.from_pretrained(args.model, dtype=getattr(torch, compute_dtype(args.dtype, device)), device=device)
     tok = Tokenizer.from_pretrained(args.model)
     check_vocabulary(tok, model.config.vocab_size, args.model)
     skip_ids = () if args.end_of_turn else (tok.eos_id,)
@@ -327,6 +329,7 @@ def main(argv=None) -> int:
     from plumbing.cli import ArgumentParser, UserError, positive_int, run_cli
     from plumbing.files import (check_disjoint, check_input, check_output, check_replaceable, lock_output, lock_path,
                                 written_by)
+    from plumbing.precision import DTYPES
 
     ap = ArgumentParser(description="Score how on-policy a data set's responses are for a model (DDT).")
     ap.add_argument("--model", default=BUNDLED_NAME, help="HF directory, hub id, or the bundled model name")
@@ -336,6 +339,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
     ap.add_argument("--plot", action="store_true", help="also save histograms of φ_t and z as OUT.png")
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU); the statistics are float32")
     ap.add_argument("--end-of-turn", action=argparse.BooleanOptionalAction, default=True,
                     help="score the end-of-turn token after each response, as training sees it (default); "
                          "--no-end-of-turn scores the response text alone, like the authors' demo, whose "

@@ -47,6 +47,7 @@ from model import Transformer, check_vocabulary, generate, read_config
 from plumbing.cli import ArgumentParser, UserError, positive_int, run_cli
 from plumbing.files import (atomic_write, check_disjoint, check_input, check_output, check_replaceable, file_sha256,
                             lock_output, lock_path, read_json, written_by)
+from plumbing.precision import DTYPES, compute_dtype
 from plumbing.report import bar_chart, fmt, markdown_table, versions
 from plumbing.ranks import Ranks, every_rank, rank_device, start_ranks
 from plumbing.records import map_sharded
@@ -339,10 +340,10 @@ def parse_args(argv=None):
                     help="instructions for the KL drift: text file, one per line, or JSONL (default: built-in 50)")
     ap.add_argument("--general-max-new-tokens", type=positive_int, default=256, help="longest base answer for the KL drift")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="weights dtype (default: bfloat16 on CUDA, float32 on CPU); statistics are float32")
     args = ap.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = compute_dtype(args.dtype, args.device)
     return args
 
 

@@ -33,16 +33,16 @@ import torch
 
 from data import Example, answers_match, encode_example, extract_answer, find_answer, load_examples
 from ddt import entropy, log_probs, score_examples
-from model import (KVCache, Transformer, check_vocabulary, decode_step, finish_reason, generate, last_logits,
-                   left_pad, row_generators, sample_next, worth_compacting)
+from model import (Transformer, check_vocabulary, decode_step, finish_reason, generate, prefill, row_generators,
+                   sample_next, worth_compacting)
 from plumbing.cli import (ArgumentParser, UserError, fraction, nonnegative_float, nonnegative_int, positive_int,
                           probability, run_cli)
 from plumbing.files import check_disjoint, check_input, check_output, lock_output, lock_path
+from plumbing.precision import DTYPES, compute_dtype
 from plumbing.ranks import example_seed, rank_device, start_ranks
 from plumbing.records import RecordLog
 
 MODES = ("linear", "sigmoid", "piecewise")
-PREFILL_ROWS = 16  # prompt rows run through the model at once: bounds the prefill's activations
 ANALYSIS_HEADER = "# CoT"  # the analysis prefix is cut at the last line starting with this
 
 HINT_TEMPLATE = """I'm giving you a problem together with a worked solution that is known to be correct.
@@ -97,23 +97,6 @@ def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, lam: torch.Tensor) -> 
 # ---- Batched two-stream decoding ---------------------------------------------------------------
 
 
-def prefill(model: Transformer, tokens, cache: KVCache, n_hint: int) -> torch.Tensor:
-    """Run the left-padded prompts [R, W] into the cache, PREFILL_ROWS rows at a time, hint rows
-    and plain rows apart. A chunk starts at its first slot that is not padding in every row:
-    the short plain prompts do not pay for the width of the long hint prompts. Row slices of
-    the cache are views, so each chunk writes its rows of the one shared cache."""
-    R = tokens.shape[0]
-    slots = torch.arange(tokens.shape[1], device=tokens.device)
-    out = []
-    for lo, hi in ((0, n_hint), (n_hint, R)):
-        for r in range(lo, hi, PREFILL_ROWS):
-            rows = slice(r, min(r + PREFILL_ROWS, hi))
-            start = int(cache.pad[rows].min())
-            part = KVCache(cache.k[:, rows], cache.v[:, rows], cache.pad[rows])
-            out.append(last_logits(model, tokens[rows, start:], slots[start:], part))
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_prompts: list[list[int]], *,
                     beta: float, mode: str = "linear", max_new_tokens: int, stop_ids=(),
@@ -154,12 +137,10 @@ def hinted_generate(model: Transformer, hint_prompts: list[list[int]], plain_pro
     generators = row_generators(seed, B, device)
 
     # Rows 0..B−1 are the hint streams, rows B..2B−1 the plain streams, in one left-padded batch.
-    tokens, pad = left_pad(list(hint_prompts) + list(plain_prompts), 0, device)
-    width = tokens.shape[1]
-    cache = model.new_cache(pad, width + max_new_tokens)
+    logits, cache = prefill(model, list(hint_prompts) + list(plain_prompts), max_new_tokens)
+    width = cache.max_len - max_new_tokens
     if compile:
         cache.mark_static()
-    logits = prefill(model, tokens, cache, B)
 
     out = [[] for _ in range(B)]
     finish = [None] * B
@@ -333,8 +314,8 @@ def rewrite_batch(model, tokenizer, batch: list[Example], args, write=None, step
 
 # The settings that shape the records, stored in OUT.settings.json before the first record: an
 # --out is only extended with the same ones. --limit, --batch-size, --device and --quiet may change.
-DECODING_SETTINGS = ("model", "beta", "mode", "sigmoid_center", "piecewise_bounds", "max_new_tokens", "temperature",
-                     "top_p", "seed", "splitter", "analysis", "analysis_max_tokens")
+DECODING_SETTINGS = ("model", "dtype", "beta", "mode", "sigmoid_center", "piecewise_bounds", "max_new_tokens",
+                     "temperature", "top_p", "seed", "splitter", "analysis", "analysis_max_tokens")
 
 
 def decoding_settings(args) -> dict:
@@ -381,7 +362,7 @@ def run_pipeline(args) -> int:
 
     def start_work():
         tokenizer = Tokenizer.from_pretrained(args.model)
-        model = Transformer.from_pretrained(args.model, device=rank_device(args.device))
+        model = Transformer.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=rank_device(args.device))
         check_vocabulary(tokenizer, model.config.vocab_size, args.model)
         return lambda batch, write: rewrite_batch(model, tokenizer, batch, args, write)
 
@@ -417,7 +398,7 @@ def run_demo(args) -> int:
     from tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(args.model)
-    model = Transformer.from_pretrained(args.model, device=args.device)
+    model = Transformer.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     check_vocabulary(tokenizer, model.config.vocab_size, args.model)
     ex = Example("demo", [{"role": "user", "content": DEMO_QUESTION}], DEMO_REFERENCE, "58", 0, "demo")
     stops = tokenizer.stop_ids
@@ -481,7 +462,7 @@ def add_decoding_flags(ap, prefix: str = "", max_new_tokens: int | None = None):
 
 def decoding_knobs(args, prefix: str = "") -> argparse.Namespace:
     """The knobs rewrite_batch reads (beta, mode, ..., seed) from parsed flags with `prefix`."""
-    names = [n for n in DECODING_SETTINGS if n != "model"]
+    names = [n for n in DECODING_SETTINGS if n not in ("model", "dtype")]
     knobs = {n: getattr(args, prefix.replace("-", "_") + n, None) for n in names}
     knobs["seed"] = args.seed
     return argparse.Namespace(**knobs)
@@ -506,8 +487,12 @@ def parse_args(argv=None):
                     help="sampling seed; each example samples with its own seed, from --seed and its id")
     ap.add_argument("--limit", type=positive_int, default=None, help="only the first N examples of --data")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU); the mixing and φ are float32")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.dtype = compute_dtype(args.dtype, args.device)
+    return args
 
 
 def check_args(args):

@@ -25,6 +25,16 @@ Decoding keeps every row of a batch at the same cache slot. Prompts of different
 are left-padded: row b starts at slot `pad[b]`, its token at slot s has position s − pad[b],
 and it attends to slots pad[b]..s only. Shapes never change between decode steps, which is
 what lets torch.compile capture the step once on a GPU.
+
+Attention runs on a fused kernel in every mode, and never passes a mask together with
+`enable_gqa`: in the pinned torch, CUDA's flash kernel takes no mask and its memory-efficient
+kernel no grouped-query heads, so that pair falls to the math kernel (float32 scores of
+[queries × keys] per head, K/V copied per query head). The modes (`Attention.forward`):
+
+    plain rows     causal, SDPA is_causal + GQA                 flash on CUDA and CPU
+    packed rows    causal within each document (`docs`)         `document_attention`
+    prefill        one prompt, causal among its own tokens      flash; K/V stored in the cache
+    decode step    one token against the cache, masked          `decode_attention`
 """
 
 import argparse
@@ -119,10 +129,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalize in float32 like the reference implementation, then scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # x / sqrt(mean(x²) + eps) in float32 like the reference implementation (one op),
+        # then scale in the input dtype.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -142,9 +151,71 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x, cos, sin):
+    """RoPE in HF's rotate-half form, x·cos + (−x₂ ‖ x₁)·sin for x = (x₁ ‖ x₂), written with the
+    sign folded into sin (`Transformer.rope` gives (−sin ‖ sin)): x·cos + roll(x, d/2)·sin, the
+    same numbers in two fewer operations per tensor."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def document_attention(q, k, v, docs, cu_seqlens=None):
+    """Causal attention within documents, for packed rows: q [R, T, H, d], k and v [R, T, Hkv, d],
+    docs [R, T] (token t of row r belongs to document docs[r, t]; documents are contiguous).
+    Returns [R, T, H, d]: each token attends to the earlier tokens of its own document only.
+
+    CUDA, bfloat16/float16 (`cu_seqlens`: `document_offsets`): FlashAttention's variable-length
+    kernel, the one transformers' padding-free training uses: one call for every document, no
+    mask, no work across documents, KV heads shared natively.
+    CPU: one causal SDPA per document (the CPU flash kernel), so no work across documents
+    either. Under torch.compile, and on CUDA in float32: one SDPA over the rows with the mask
+    "same document and not later" (shapes that do not change with the documents); CUDA's
+    memory-efficient kernel takes a mask once K/V have one head per query head.
+    """
+    R, T, H, d = q.shape
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    if cu_seqlens is not None and dtype in (torch.bfloat16, torch.float16):
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = (t.to(dtype) for t in (q, k, v))  # no autocast op: cast as autocast casts SDPA's inputs
+        y = varlen_attn(q.reshape(R * T, H, d), k.reshape(R * T, -1, d), v.reshape(R * T, -1, d), cu_seqlens,
+                        cu_seqlens, T, T, window_size=(-1, 0), enable_gqa=True)  # (-1, 0): causal
+        return y.view(R, T, H, d)
+    if not (q.is_cuda or torch.compiler.is_compiling()):
+        starts = document_offsets(docs).tolist()
+        q, k, v = (t.reshape(R * T, -1, d).transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, R·T, d]
+        y = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                      enable_gqa=True) for a, b in zip(starts, starts[1:])], dim=2)
+        return y[0].transpose(0, 1).reshape(R, T, H, d)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = (docs[:, :, None] == docs[:, None, :]) & causal  # [R, T (query), T (key)]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [R, heads, T, d]
+    if q.is_cuda:
+        k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=not q.is_cuda)
+    return y.transpose(1, 2)
+
+
+def document_offsets(docs):
+    """Where each document of packed rows [R, T] starts in the R·T flattened tokens, then R·T
+    (int32): FlashAttention's `cu_seqlens`. A row's start is a document's start."""
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=docs.numel()).int()
+
+
+def decode_attention(q, k_cache, v_cache, mask):
+    """One new token per row against the whole cache: q [B, H, 1, d], the cache [B, Hkv, S, d],
+    mask [B, 1, 1, S] (KVCache.attention_mask: which slots each row sees). Returns [B, H, 1, d].
+
+    Grouped-query attention without `enable_gqa`: the G = H / Hkv query heads that share a KV
+    head become G queries of that head, [B, Hkv, G, d] (query head h = j·G + g reads KV head j,
+    as enable_gqa does), and the mask broadcasts over them. SDPA then sees plain multi-head
+    attention with a mask, which CUDA's memory-efficient kernel and the CPU flash kernel take:
+    each KV head is read once, nothing is copied per query head.
+    """
+    B, H, _, d = q.shape
+    y = F.scaled_dot_product_attention(q.reshape(B, k_cache.shape[1], -1, d), k_cache, v_cache, attn_mask=mask)
+    return y.reshape(B, H, 1, d)
 
 
 class Attention(nn.Module):
@@ -160,23 +231,27 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None):
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None, docs=None, cu_seqlens=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: [B, T, 1, head_dim]
+        if docs is not None:  # packed rows
+            return self.o_proj(document_attention(q, k, v, docs, cu_seqlens).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if layer_cache is None:  # training / scoring: plain causal attention over the batch
+        if layer_cache is None:  # plain rows (training, scoring): right padding comes after every token used
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k_cache, v_cache = layer_cache
             k_cache.index_copy_(2, slots, k)
             v_cache.index_copy_(2, slots, v)
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+            if T == 1:  # a decode step
+                y = decode_attention(q, k_cache, v_cache, mask)
+            else:  # a prefill (`prefill`): these tokens are the row's whole context, nothing is padding
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -199,8 +274,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, slots, mask)
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None, docs=None, cu_seqlens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, slots, mask, docs, cu_seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -231,17 +306,13 @@ class KVCache:
             cache.mark_static()
         return cache
 
-    def attention_mask(self, slots: torch.Tensor) -> torch.Tensor:
-        """[batch, 1, len(slots), max_len] boolean: query at slot q sees slots pad[b]..q.
-
-        A padding query (q < pad[b]) would see nothing, and softmax over nothing is NaN, so
-        it is also allowed to see its own slot; its output is never used.
-        """
-        key = torch.arange(self.max_len, device=slots.device)
-        causal = key[None, :] <= slots[:, None]  # [T, S]
-        own_row = key[None, None, :] >= self.pad[:, None, None]  # [B, 1, S]
-        diagonal = key[None, :] == slots[:, None]
-        return ((causal[None] & own_row) | diagonal[None])[:, None]
+    def attention_mask(self, slot: torch.Tensor, dtype) -> torch.Tensor:
+        """[batch, 1, 1, max_len] for a decode step at `slot` ([1]): 0 where row b sees the key
+        (slots pad[b]..slot), −inf elsewhere. Additive rather than boolean: made once per step
+        in the dtype SDPA adds it in, not converted again in every layer."""
+        key = torch.arange(self.max_len, device=slot.device)
+        seen = (key >= self.pad[:, None]) & (key <= slot)  # [B, S]
+        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, -math.inf)[:, None, None]
 
 
 class Transformer(nn.Module):
@@ -265,30 +336,36 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def rope(self, positions: torch.Tensor, dtype):
-        """cos and sin for positions [B, T], shaped [B, 1, T, head_dim] to broadcast over heads."""
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """(cos ‖ cos) and (−sin ‖ sin) of θ_i · position for positions [B, T] (`apply_rope`),
+        shaped [B, T, 1, head_dim] to broadcast over heads."""
+        freqs = positions[..., None, None].float() * self.inv_freq  # [B, T, 1, head_dim/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
-    def hidden_states(self, tokens, slots=None, cache: KVCache | None = None):
+    def hidden_states(self, tokens, slots=None, cache: KVCache | None = None, *, positions=None, docs=None):
         """Final normalized hidden states h_t, [B, T, dim].
 
-        Without a cache: plain causal attention, positions 0..T−1 (training, scoring; right
-        padding is harmless there). With a cache: `slots` [T] are the cache slots these tokens
-        occupy, the same for every row.
+        Without a cache: causal attention over each row, positions 0..T−1 (training, scoring;
+        right padding is harmless there). Packed rows: `positions` [B, T] restart at 0 for each
+        document and `docs` [B, T] say which document each token belongs to; a token attends to
+        the earlier tokens of its own document (`document_attention`). With a cache: `slots`
+        [T] are the cache slots these tokens occupy, the same for every row; several tokens are
+        a prefill, one token a decode step.
         """
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
-        if cache is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-            mask = None
-        else:
+        mask = cu_seqlens = None
+        if cache is not None:
             positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)
-            mask = cache.attention_mask(slots)
+            mask = cache.attention_mask(slots, x.dtype) if T == 1 else None
+        elif positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if docs is not None and tokens.is_cuda:
+            cu_seqlens = document_offsets(docs)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, layer_cache, slots, mask)
+            x = layer(x, cos, sin, layer_cache, slots, mask, docs, cu_seqlens)
         return self.norm(x)
 
     def forward(self, tokens, slots=None, cache: KVCache | None = None):
@@ -474,16 +551,6 @@ def row_generators(seed, n_rows: int, device) -> list[torch.Generator] | None:
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack prompts right-aligned: tokens [B, T0] and the padding count per row."""
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    tokens = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    pad = torch.tensor([width - len(p) for p in prompts], device=device)
-    return tokens, pad
-
-
 # The stop rule of every decoding loop (docs/math.md, "Hinted decoding"): a stop id, the token limit, or some 30-token
 # window seen 5 times, checked every 100 tokens.
 REPETITION_WINDOW, REPETITION_COUNT, REPETITION_EVERY = 30, 5, 100
@@ -518,6 +585,30 @@ def worth_compacting(n_active: int, n_keep: int) -> bool:
 def last_logits(model: Transformer, tokens, slots, cache: KVCache) -> torch.Tensor:
     """Logits of each row's last position only (a prefill never needs [rows, T, |V|])."""
     return F.linear(model.hidden_states(tokens, slots, cache)[:, -1], model.output_weight)
+
+
+def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, KVCache]:
+    """A cache with room for every prompt and max_new_tokens more, the prompts run into it, and
+    the logits of each prompt's last token, [rows, |V|]. Prompts are left-padded: row b's fills
+    slots pad[b]..W−1 (W: the longest prompt), so every row decodes its next token at slot W.
+
+    One prompt at a time: with no padding nothing needs a mask, so attention is plain causal
+    attention among the prompt's own tokens (the flash kernel, grouped-query heads included).
+    No prompt token is scored against the slots of the tokens still to come, and only one
+    prompt's activations exist at once: the memory beyond the cache does not grow with
+    max_new_tokens or with the number of prompts.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.embed_tokens.weight.device
+    width = max(len(p) for p in prompts)
+    cache = model.new_cache(torch.tensor([width - len(p) for p in prompts]), width + max_new_tokens)
+    logits = []
+    for b, p in enumerate(prompts):
+        row = KVCache(cache.k[:, b:b + 1], cache.v[:, b:b + 1], cache.pad[b:b + 1])  # views: writes land in the cache
+        slots = torch.arange(width - len(p), width, device=device)
+        logits.append(last_logits(model, torch.tensor([p], device=device), slots, row))
+    return torch.cat(logits), cache
 
 
 _compiled_last_logits = None
@@ -556,13 +647,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     compile = device.type == "cuda" if compile is None else compile
     forward = decode_step(compile)
     stop_ids = frozenset(stop_ids)
-    tokens, pad = left_pad(prompts, 0, device)
-    width = tokens.shape[1]
-    cache = model.new_cache(pad, width + max_new_tokens)
+    logits, cache = prefill(model, prompts, max_new_tokens)
+    width = cache.max_len - max_new_tokens
     if compile:
         cache.mark_static()
     generators = row_generators(seed, len(prompts), device)
-    logits = last_logits(model, tokens, torch.arange(width, device=device), cache)
     out, finish = [[] for _ in prompts], [None] * len(prompts)
     active = list(range(len(prompts)))  # the prompt behind each row still in the batch
     for step in range(max_new_tokens):

@@ -2,6 +2,9 @@
 
     example    tokens = chat(prompt) ++ response ++ <end of turn>; the loss counts the response
                and its end-of-turn token. Longer than --max-len: skipped (and counted).
+    packing    a step's examples are laid end to end in rows of --max-len tokens (`pack`), each
+               with its own positions (RoPE restarts) and attending only within itself, so no
+               compute goes to padding (--no-pack: one example per row, padded).
     step       λ = lambda_schedule(step, total steps)                         idft.py
                L = Σ_{valid tokens t of the whole step} loss_t / N_valid        idft.token_loss
                N_valid counts every micro-batch on every rank, so gradient accumulation and
@@ -33,7 +36,7 @@ from tqdm import tqdm
 
 import idft
 from data import Example, encode_example, load_examples
-from ddt import next_token_targets, pad_sequences
+from ddt import next_token_targets
 from hinted_decode import add_decoding_flags, check_decoding_flags, decoding_knobs, rewrite_batch
 from hub import BUNDLED_NAME, resolve_model_dir
 from model import Transformer, check_vocabulary
@@ -43,11 +46,12 @@ from plumbing.cli import (ArgumentParser, RunError, UserError, fraction, nonnega
                           positive_float, positive_int, run_cli)
 from plumbing.files import check_disjoint, check_input, check_output, lock_output
 from plumbing.metrics import append_metrics, append_records
+from plumbing.precision import DTYPES, compute_dtype
 from plumbing.report import plot_run
 from plumbing.ranks import Ranks, gather_in_order, gather_tokens, parallelize, setup_training, shard, unwrap
 from tokenizer import Tokenizer
 
-LENGTH_BUCKET = 64  # micro-batches are padded to a multiple of this: few distinct shapes to compile
+LENGTH_BUCKET = 64  # unpacked micro-batches are padded to a multiple of this: few distinct shapes to compile
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
@@ -79,26 +83,89 @@ def step_items(items: list, step: int, batch_size: int, seed: int) -> list:
     return [items[i] for i in order[index * batch_size:(index + 1) * batch_size]]
 
 
-def deal(batch: list[Sequence], rank: int, world: int, micro_batch_size: int) -> list[list[Sequence]]:
-    """This rank's micro-batches of a step's sequences: sorted by length, then dealt to the ranks
-    and cut into micro-batches (less padding, same loss: tokens are summed)."""
-    mine = sorted(batch, key=lambda s: len(s.ids))[rank::world]
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+def deal(batch: list[Sequence], rank: int, world: int, micro_batch_size: int,
+         pack_len: int | None = None) -> list[list[list[Sequence]]]:
+    """This rank's micro-batches of a step's sequences: each a list of rows, each row a list of
+    sequences. The layout changes only the rounding, never the loss: its tokens are summed.
+
+    Unpacked, the sequences are sorted by length (less padding), dealt to the ranks and cut into
+    micro-batches of micro_batch_size rows, one sequence per row. Packed (pack_len: the row
+    length), all of them are packed into rows (`pack`) and the rows dealt out as micro-batches of
+    at most micro_batch_size rows. Either way every rank runs the same number of micro-batches,
+    an empty row where it has too few: DDP and FSDP communicate in every forward.
+    """
+    batch = sorted(batch, key=lambda s: len(s.ids))
+    if pack_len is None:
+        mine = [[s] for s in batch[rank::world]]
+        n_micro = max(1, -(-len(batch[::world]) // micro_batch_size))  # rank 0 has the most
+        return [mine[i * micro_batch_size:(i + 1) * micro_batch_size] or [[]] for i in range(n_micro)]
+    rows = pack(batch, pack_len)
+    n_micro = world * max(1, -(-len(rows) // (world * micro_batch_size)))  # micro-batches of all ranks together
+    return [rows[j::n_micro] or [[]] for j in range(rank, n_micro, world)]
 
 
 def step_batches(seqs: list[Sequence], step: int, batch_size: int, seed: int, rank: int, world: int,
-                 micro_batch_size: int) -> list[list[Sequence]]:
-    """This rank's micro-batches for optimizer step `step` of offline training."""
-    return deal(step_items(seqs, step, batch_size, seed), rank, world, micro_batch_size)
+                 micro_batch_size: int, pack_len: int | None = None) -> list[list[list[Sequence]]]:
+    """This rank's micro-batches for optimizer step `step` of offline training (`deal`)."""
+    return deal(step_items(seqs, step, batch_size, seed), rank, world, micro_batch_size, pack_len)
 
 
-def collate(seqs: list[Sequence], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded inputs, targets and loss mask (ddt.next_token_targets), [B, T] with T a
-    multiple of LENGTH_BUCKET."""
-    width = -(-max(len(s.ids) - 1 for s in seqs) // LENGTH_BUCKET) * LENGTH_BUCKET
-    tokens, response = pad_sequences(seqs, pad_id, width + 1, device)
+def pack(seqs: list[Sequence], width: int) -> list[list[Sequence]]:
+    """Best-fit decreasing: longest first, each sequence goes into the fullest row it still fits
+    in, else into a new row. A row holds `width` input tokens: sequences of lengths L_i fit when
+    Σ L_i ≤ width + 1 (each sequence's last token is a target only; `collate`)."""
+    rows, free = [], []
+    for s in sorted(seqs, key=lambda s: -len(s.ids)):  # stable: ties keep their order
+        fits = [r for r in range(len(rows)) if free[r] >= len(s.ids)]
+        if fits:
+            r = min(fits, key=lambda r: free[r])
+            rows[r].append(s)
+            free[r] -= len(s.ids)
+        else:
+            rows.append([s])
+            free.append(width + 1 - len(s.ids))
+    return rows
+
+
+class Batch(NamedTuple):
+    """One micro-batch, [rows, T] tensors: inputs, targets and loss mask (ddt.next_token_targets),
+    and for packed rows each token's position and document (None with one sequence per row)."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor | None
+    docs: torch.Tensor | None
+
+
+def collate(rows: list[list[Sequence]], pad_id: int, device, pack_len: int | None = None) -> Batch:
+    """Each row's sequences end to end, right-padded, then the one shift of ddt.next_token_targets.
+
+    Packed (pack_len): rows of exactly pack_len inputs; a sequence keeps its own positions
+    0..L−1 and a document id of its own, the padding of a row is a document too, and the
+    prediction from a sequence's last token is never in the loss (the next token is another
+    sequence's, or padding). Unpacked: one sequence per row, rows as long as the longest rounded
+    up to a multiple of LENGTH_BUCKET, positions and documents None: plain causal attention is
+    exact, since padding comes after every token used.
+    """
+    width = pack_len or -(-max(1, *(sum(len(s.ids) for s in row) - 1 for row in rows)) // LENGTH_BUCKET) * LENGTH_BUCKET
+    tokens = torch.full((len(rows), width + 1), pad_id, dtype=torch.long)
+    response = torch.zeros((len(rows), width + 1), dtype=torch.bool)
+    positions = torch.zeros((len(rows), width + 1), dtype=torch.long)
+    docs = torch.zeros((len(rows), width + 1), dtype=torch.long)
+    doc = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row + [None]:  # None: the row's padding
+            end = width + 1 if s is None else start + len(s.ids)
+            if s is not None:
+                tokens[r, start:end] = torch.tensor(s.ids)
+                response[r, start + max(s.n_prompt, 1):end] = True  # a first token is never predicted
+            positions[r, start:end] = torch.arange(end - start)
+            docs[r, start:end] = doc
+            start, doc = end, doc + 1
     targets, mask = next_token_targets(tokens, response)
-    return tokens[:, :-1], targets, mask
+    return Batch(tokens[:, :-1].to(device), targets.to(device), mask.to(device),
+                 positions[:, :-1].to(device) if pack_len else None, docs[:, :-1].to(device) if pack_len else None)
 
 
 # ---- Model, loss, optimizer ---------------------------------------------------------------------
@@ -112,8 +179,8 @@ class LossHead(nn.Module):
         super().__init__()
         self.model, self.method, self.knobs = model, method, knobs
 
-    def forward(self, inputs, targets, mask, lam):
-        hidden = self.model.hidden_states(inputs)
+    def forward(self, inputs, targets, mask, lam, positions=None, docs=None):
+        hidden = self.model.hidden_states(inputs, positions=positions, docs=docs)
         return idft.chunked_loss_sum(hidden, self.model.output_weight, targets, mask, self.method, lam=lam,
                                      **self.knobs)
 
@@ -141,32 +208,36 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_ratio: float)
 class StepResult:
     loss: float  # Σ loss_t / N_valid over the whole optimizer step (every micro-batch, every rank)
     grad_norm: float  # before clipping
-    n_tokens: int  # input tokens this rank ran through the model, padding included (for tokens/s)
+    n_tokens: int  # tokens of the step's sequences, all ranks (each sequence of L tokens: L − 1 inputs)
+    padding_share: float  # share of the input slots of all ranks' micro-batches that are not n_tokens
     phi: torch.Tensor  # φ_t of every valid token of the step, all ranks
     gamma: torch.Tensor | None  # γ_t of the same tokens (IDFT methods only)
     entropy: torch.Tensor  # H_t of the same tokens
 
 
-def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[Sequence]], lam: float, pad_id: int,
-               device, autocast, grad_clip: float, world: int) -> StepResult:
+def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[list[Sequence]]], lam: float, pad_id: int,
+               device, autocast, grad_clip: float, world: int, pack_len: int | None = None) -> StepResult:
     """One optimizer step with one loss denominator:
 
         L = Σ_{valid tokens t of every micro-batch on every rank} loss_t  /  N_valid
 
     Each micro-batch's backward adds its share Σ loss_t / N_valid, so the accumulated gradient is
-    ∇L whatever the lengths and however the tokens are split.
+    ∇L whatever the lengths and however the tokens are split into rows, micro-batches and ranks.
     """
-    batches = [collate(mb, pad_id, device) for mb in micro_batches]
-    n_valid = torch.tensor(sum(int(mask.sum()) for _, _, mask in batches), device=device)
+    batches = [collate(mb, pad_id, device, pack_len) for mb in micro_batches]
+    counts = torch.tensor([sum(int(b.mask.sum()) for b in batches),  # N_valid
+                           sum(len(s.ids) - 1 for mb in micro_batches for row in mb for s in row),  # tokens
+                           sum(b.inputs.numel() for b in batches)], device=device)  # input slots
     if world > 1:
-        dist.all_reduce(n_valid)  # N_valid of the whole step, all ranks
+        dist.all_reduce(counts)  # the whole step, all ranks
+    n_valid, n_tokens, n_slots = counts
     loss_sum, phis, gammas, entropies = torch.zeros((), device=device), [], [], []
     lam_t = torch.tensor(lam, device=device)
     is_ddp = isinstance(loss_head, nn.parallel.DistributedDataParallel)
-    for i, (inputs, targets, mask) in enumerate(batches):
+    for i, b in enumerate(batches):
         sync = loss_head.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext()  # sync once, at the end
         with sync, autocast:
-            mb_loss_sum, _, (phi, gamma, entropy) = step_fn(inputs, targets, mask, lam_t)
+            mb_loss_sum, _, (phi, gamma, entropy) = step_fn(b.inputs, b.targets, b.mask, lam_t, b.positions, b.docs)
         # DDP averages gradients over ranks; × world turns that back into the sum over ranks
         (mb_loss_sum * (world / n_valid)).backward()
         loss_sum += mb_loss_sum.detach()
@@ -183,13 +254,14 @@ def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[Sequence]
     grad_norm = nn.utils.clip_grad_norm_(loss_head.parameters(), grad_clip or float("inf")).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, sum(inputs.numel() for inputs, _, _ in batches),
+    return StepResult(loss, grad_norm, int(n_tokens), 1 - int(n_tokens) / int(n_slots),
                       gather_tokens(torch.cat(phis), world), gather_tokens(torch.cat(gammas), world) if gammas else None,
                       gather_tokens(torch.cat(entropies), world))
 
 
-def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dict:
-    """Held-out response NLL (mean −log p over response tokens) and mean φ of the held-out data."""
+def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast, pack_len=None) -> dict:
+    """Held-out response NLL (mean −log p over response tokens) and mean φ of the held-out data,
+    in rows laid out as in training."""
     from torch.distributed.fsdp import FSDPModule
 
     head = unwrap(loss_head)
@@ -200,10 +272,11 @@ def evaluate(loss_head, seqs, pad_id, device, micro_batch_size, autocast) -> dic
         head.unshard()
     total, count, phi_sum = 0.0, 0, 0.0
     with torch.no_grad(), autocast:
-        for i in range(0, len(seqs), micro_batch_size):
-            inputs, targets, mask = collate(seqs[i:i + micro_batch_size], pad_id, device)
-            hidden = head.model.hidden_states(inputs)
-            loss_sum, n, (phi, _, _) = idft.chunked_loss_sum(hidden, head.model.output_weight, targets, mask, "sft")
+        rows = pack(seqs, pack_len) if pack_len else [[s] for s in seqs]
+        for i in range(0, len(rows), micro_batch_size):
+            b = collate(rows[i:i + micro_batch_size], pad_id, device, pack_len)
+            hidden = head.model.hidden_states(b.inputs, positions=b.positions, docs=b.docs)
+            loss_sum, n, (phi, _, _) = idft.chunked_loss_sum(hidden, head.model.output_weight, b.targets, b.mask, "sft")
             total, count, phi_sum = total + loss_sum.item(), count + n, phi_sum + phi.sum().item()
     if sharded:
         head.reshard()
@@ -300,14 +373,16 @@ def train(args) -> int:
     step = first = start_step(out, args, resume_dir, loss_head, optimizer, cuda, main_process, log)
     compile_step = args.compile if args.compile is not None else cuda
     step_fn = torch.compile(loss_head) if compile_step else loss_head
-    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    dtype = compute_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    pack_len = args.max_len if args.pack else None
     if main_process:  # the arguments, data and model have passed: the run's first writes
         snapshot_tokenizer(out, tokenizer_dir)
         write_run_settings(out, args, source_dir)
         log(f"{len(items)} {'problems, rewritten online' if args.online else 'training sequences'} "
             f"({skipped} skipped: longer than --max-len {args.max_len}); {total_steps} steps of {args.batch_size}; "
-            f"loss {args.loss}; world {world}; compile {compile_step}; {dtype}")
+            f"loss {args.loss}; world {world}; compile {compile_step}; {dtype}; "
+            + (f"packed in rows of {pack_len}" if pack_len else "not packed"))
     n_params = sum(p.numel() for p in model.parameters())
     peak_flops = next((f for k, f in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
 
@@ -331,11 +406,9 @@ def train(args) -> int:
             result = None
             if batch:  # online: empty when nothing verified; the step is then logged and skipped
                 t_train = time.perf_counter()
-                # a rank with nothing to train on still joins the step's gradient all-reduce: one row
-                # without response tokens adds 0 to the loss and to N_valid
-                micro_batches = deal(batch, rank, world, args.micro_batch_size) or [[Sequence([tokenizer.pad_id] * 2, 2)]]
-                result = train_step(step_fn, loss_head, optimizer, micro_batches, lam, tokenizer.pad_id, device,
-                                    autocast, args.grad_clip, world)
+                result = train_step(step_fn, loss_head, optimizer, deal(batch, rank, world, args.micro_batch_size,
+                                                                        pack_len),
+                                    lam, tokenizer.pad_id, device, autocast, args.grad_clip, world, pack_len)
                 if args.online:
                     online["train_seconds"] = time.perf_counter() - t_train
             step += 1
@@ -350,14 +423,15 @@ def train(args) -> int:
                 else:
                     stats = idft.loss_stats(result.phi, result.gamma, args.beta, args.gamma_min, args.gamma_max,
                                             entropy=result.entropy)
-                    record.update(loss=result.loss, grad_norm=result.grad_norm,
-                                  tokens_per_s=result.n_tokens * world / seconds, **stats)
+                    record.update(loss=result.loss, grad_norm=result.grad_norm, tokens_per_s=result.n_tokens / seconds,
+                                  padding_share=result.padding_share, **stats)
                     if peak_flops:
-                        record["mfu"] = 6 * n_params * result.n_tokens * world / seconds / (peak_flops * world)
+                        record["mfu"] = 6 * n_params * result.n_tokens / seconds / (peak_flops * world)
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", phi=f"{stats['phi_mean']:+.3f}")
                 append_metrics(out, record)
             if eval_seqs and (step % args.eval_every == 0 or step == total_steps):
-                metrics = evaluate(loss_head, eval_seqs, tokenizer.pad_id, device, args.micro_batch_size, autocast)
+                metrics = evaluate(loss_head, eval_seqs, tokenizer.pad_id, device, args.micro_batch_size, autocast,
+                                   pack_len)
                 if main_process:
                     append_metrics(out, {"step": step, **metrics})
                     log(f"step {step}: eval loss {metrics['eval_loss']:.4f}, eval φ {metrics['eval_phi_mean']:+.4f}")
@@ -411,8 +485,13 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data (ignored with --max-steps)")
     ap.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps to run")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="sequences per optimizer step (all ranks together)")
-    ap.add_argument("--micro-batch-size", type=positive_int, default=4, help="sequences per forward/backward on one rank")
-    ap.add_argument("--max-len", type=positive_int, default=1024, help="longest sequence (prompt + response) kept")
+    ap.add_argument("--micro-batch-size", type=positive_int, default=4,
+                    help="rows per forward/backward on one rank: packed rows of --max-len tokens, or sequences")
+    ap.add_argument("--max-len", type=positive_int, default=1024,
+                    help="longest sequence (prompt + response) kept, and the length of a packed row")
+    ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                    help="lay each step's sequences end to end in rows of --max-len tokens, each attending only "
+                         "within itself: no compute on padding (--no-pack: one sequence per row, padded)")
     ap.add_argument("--lr", type=positive_float, default=5e-5, help="peak learning rate")
     ap.add_argument("--lr-warmup-ratio", type=fraction, default=0.05, help="share of steps with linear LR warmup")
     ap.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW weight decay (matrices only)")
@@ -428,7 +507,7 @@ def parse_args(argv=None):
                          "--micro-batch-size, --compile, --fsdp and the log/eval/save cadences may change")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the training step (default: on for CUDA, off for CPU)")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="compute dtype (autocast; weights and optimizer stay float32). Default: bfloat16 on CUDA")
     ap.add_argument("--fsdp", action="store_true", help="shard parameters across ranks with FSDP2 (under torchrun)")
     ap.add_argument("--plot", metavar="RUN_DIR", default=None, help="draw RUN_DIR/metrics.jsonl to RUN_DIR/curves.png and exit")

@@ -27,14 +27,14 @@ import torch
 
 from common import (add_common_args, gsm_prompts, interleaved, load_hf, load_ours, model_dir, new_report,
                     random_prompts, setup, timing, write_report)
-from model import generate, left_pad
+from model import generate
 
 
 def hf_generate(hf, prompts, new_tokens, cache_implementation=None):
     """transformers' generate on left-padded prompts; returns each row's new tokens."""
-    device = hf.device
-    tokens, pad = left_pad(prompts, 0, device)
-    attention_mask = (torch.arange(tokens.shape[1], device=device)[None] >= pad[:, None]).long()
+    device, width = hf.device, max(len(p) for p in prompts)
+    tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     out = hf.generate(tokens, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
                       eos_token_id=None, pad_token_id=0, cache_implementation=cache_implementation)
     return out[:, tokens.shape[1]:].tolist()

@@ -117,7 +117,6 @@ def setup_training() -> tuple[bool, int, int, torch.device]:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return distributed, rank, world, device
 
 

@@ -74,6 +74,7 @@ from plumbing.cli import ArgumentParser, RunError, UserError  # noqa: E402
 from plumbing.files import atomic_write, check_output, lock_output, read_log, replace_marked_block  # noqa: E402
 from plumbing.checkpoints import latest_checkpoint  # noqa: E402
 from plumbing.metrics import curves, read_metrics  # noqa: E402
+from plumbing.precision import compute_dtype  # noqa: E402
 from plumbing.report import bar_chart, plot_run  # noqa: E402
 from ddt import score_examples  # noqa: E402
 from hub import BUNDLED_NAME, resolve_model_dir  # noqa: E402
@@ -393,7 +394,7 @@ class Evaluator:
     def __init__(self, out: Path, base_dir: Path, files: dict[str, Path], scale: Scale, device: str):
         self.out, self.base_dir, self.files, self.scale = out, base_dir, files, scale
         self.args = SimpleNamespace(max_new_tokens=scale.max_new_tokens, batch_size=scale.eval_batch_size,
-                                    device=device, dtype="bfloat16" if device.startswith("cuda") else "float32")
+                                    device=device, dtype=compute_dtype(None, device))
         self._base, self._drift = None, None
 
     def base(self):

@@ -176,8 +176,7 @@ def test_splitter_needs_a_tokenizer(model):
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_batched_cached_run_equals_recomputation_from_scratch(model, mix, monkeypatch):
-    monkeypatch.setattr(hinted_decode, "PREFILL_ROWS", 3)  # prompts go into the cache in several chunks
+def test_batched_cached_run_equals_recomputation_from_scratch(model, mix):
     knobs = MIXES[mix]
     [free], _ = hinted_generate(model, HINTS[:1], PLAINS[:1], max_new_tokens=16, **knobs)
     eos = free[6]  # example 0 stops by step 7; the others whenever they produce this token
@@ -187,6 +186,40 @@ def test_batched_cached_run_equals_recomputation_from_scratch(model, mix, monkey
         assert batched[b] == ref
         single, [reason] = hinted_generate(model, [HINTS[b]], [PLAINS[b]], max_new_tokens=16, stop_ids={eos}, **knobs)
         assert single == [ref] and finish[b] == reason
+
+
+def test_decoding_never_pairs_a_mask_with_enable_gqa_and_prefill_sees_only_the_prompt(model, monkeypatch):
+    """A probe on every SDPA call of generate and hinted_generate (GQA model: 4 query heads, 2 KV
+    heads). No call passes both a mask and enable_gqa (in the pinned torch that pair runs CUDA's
+    math kernel: float32 scores, K/V copied per query head). A prefill is causal attention over
+    one prompt's own tokens: its keys never include the slots of tokens still to come, whatever
+    max_new_tokens; a decode step is one token per row against the cache, masked."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def probe(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        calls.append((attn_mask is not None, enable_gqa, is_causal, q.shape[-2], k.shape[-2]))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", probe)
+    prompt_lengths = {len(p) for p in HINTS + PLAINS}
+    prefills = {}
+    for max_new in (8, 200):
+        for prompts, decode in ((HINTS, lambda: generate(model, HINTS, max_new, repetition_stop=False)),
+                                (HINTS + PLAINS, lambda: hinted_generate(model, HINTS, PLAINS, beta=1.2,
+                                                                         max_new_tokens=max_new, repetition_stop=False))):
+            calls.clear()
+            decode()
+            width = max(len(p) for p in prompts)
+            assert not any(masked and gqa for masked, gqa, _, _, _ in calls)
+            steps = [c for c in calls if c[0]]
+            assert len(steps) == 2 * (max_new - 1)  # two layers, every token after the first
+            assert all(q_len == 2 and k_len == width + max_new for _, _, _, q_len, k_len in steps)  # G = 2 queries
+            prefill = [c for c in calls if not c[0]]
+            assert all(causal and q_len == k_len and k_len in prompt_lengths for _, _, causal, q_len, k_len in prefill)
+            prefills.setdefault(max_new, []).append(sorted(k_len for *_, k_len in prefill))
+    assert prefills[8] == prefills[200]
 
 
 def test_dropping_finished_rows_does_not_change_outputs(model, monkeypatch):
@@ -275,6 +308,19 @@ def test_compiled_hinted_generate_equals_eager(device):
     lengths = {len(out) for out, reason in zip(*eager) if reason == "eos"}
     assert len(lengths) >= 2 and "length" in eager[1]  # examples left at several steps, some went on
     assert hinted_generate(model, hints, plains, compile=True, **knobs) == eager
+
+
+@pytest.mark.cuda
+@CUDA
+def test_bfloat16_hinted_decoding_never_runs_the_math_kernel_on_cuda():
+    """bfloat16 on CUDA with SDPA's math kernel switched off: the prefills (flash) and the decode
+    steps (memory-efficient, G query heads folded per KV head) of hinted decoding all run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_model().to("cuda", torch.bfloat16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out, finish = hinted_generate(model, HINTS, PLAINS, beta=1.2, max_new_tokens=16, compile=False)
+    assert [len(o) for o in out] == [16] * 4 and finish == ["length"] * 4
 
 
 # ---- Prompts ----------------------------------------------------------------------------------

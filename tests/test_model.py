@@ -1,12 +1,15 @@
 """model.py against Hugging Face transformers, the independent reference for every family."""
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
-from model import CheckpointError, Transformer, finish_reason, generate, repeats
+from model import (CheckpointError, Transformer, decode_attention, document_attention, document_offsets, finish_reason,
+                   generate, repeats)
 
 torch.set_num_threads(1)
 
@@ -76,6 +79,65 @@ def test_cached_decoding_equals_full_forward(pair):
         for t in range(10, 24):
             steps.append(ours(tokens[:, t:t + 1], torch.tensor([t]), cache))
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
+
+
+def test_packed_rows_equal_each_sequence_alone_in_transformers(pair):
+    """Sequences laid end to end in rows (positions restarting at 0, attention within each
+    document) give the logits transformers gives each sequence alone."""
+    hf, ours, _ = pair
+    g = torch.Generator().manual_seed(5)
+    rows = [[9, 14, 5], [27], [3, 1, 2, 20]]  # sequence lengths per row; rows of 30, padding after
+    tokens, positions, docs = (torch.zeros(3, 30, dtype=torch.long) for _ in range(3))
+    alone, doc = [], 0
+    for r, lengths in enumerate(rows):
+        start = 0
+        for n in lengths + [30 - sum(lengths)]:  # the last one: the row's padding
+            ids = torch.randint(0, COMMON["vocab_size"], (n,), generator=g)
+            tokens[r, start:start + n], positions[r, start:start + n], docs[r, start:start + n] = ids, torch.arange(n), doc
+            alone.append((r, start, ids))
+            start, doc = start + n, doc + 1
+        alone.pop()  # padding is not compared
+    with torch.no_grad():
+        packed = F.linear(ours.hidden_states(tokens, positions=positions, docs=docs), ours.output_weight)
+        for r, start, ids in alone:
+            ref = hf(ids[None]).logits[0]
+            assert (packed[r, start:start + len(ids)] - ref).abs().max().item() < 1e-4
+
+
+def test_document_attention_paths_agree_with_attention_per_document(monkeypatch):
+    """The CPU path (one causal SDPA per document) and the masked path (under torch.compile, and
+    on CUDA in float32) both equal plain attention computed for each document on its own."""
+    g = torch.Generator().manual_seed(8)
+    docs = torch.tensor([[0] * 7 + [1] * 12 + [2] * 5, [3] * 20 + [4] * 4])
+    q, k, v = (torch.randn(2, 24, h, 16, generator=g) for h in (6, 2, 2))
+    expected = torch.zeros_like(q)
+    for r in range(2):
+        for doc in docs[r].unique():
+            t = docs[r] == doc
+            scores = torch.einsum("qhd,khd->hqk", q[r, t], k[r, t].repeat_interleave(3, dim=1)) / 4
+            scores = scores.masked_fill(~torch.ones(int(t.sum()), int(t.sum()), dtype=torch.bool).tril(), -math.inf)
+            expected[r, t] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[r, t].repeat_interleave(3, dim=1))
+    assert torch.allclose(document_attention(q, k, v, docs), expected, atol=1e-5)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.allclose(document_attention(q, k, v, docs), expected, atol=1e-5)
+
+
+def test_document_offsets_mark_every_start_of_a_document_or_row():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 3, 3], [4, 5, 5, 5, 6, 6], [6, 6, 6, 6, 7, 7]])
+    assert document_offsets(docs).tolist() == [0, 3, 5, 6, 12, 13, 16, 18, 22, 24]  # row 3 starts a new one
+    assert document_offsets(docs).dtype == torch.int32
+
+
+def test_decode_attention_equals_the_masked_grouped_query_call():
+    """decode_attention (G query heads folded into queries of their KV head, no enable_gqa)
+    equals SDPA with the mask and enable_gqa, the call decoding made before."""
+    g = torch.Generator().manual_seed(6)
+    for heads, kv_heads in ((8, 2), (6, 3), (4, 4), (4, 1)):
+        q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((heads, 1), (kv_heads, 40), (kv_heads, 40)))
+        mask = torch.rand(3, 1, 1, 40, generator=g) < 0.7
+        mask[..., 0] = True
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert torch.allclose(decode_attention(q, k, v, mask), expected, atol=1e-6)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(pair):
@@ -193,6 +255,45 @@ def test_compiled_generate_equals_eager(device, tmp_path):
     lengths = {len(out) for out, reason in zip(*eager) if reason == "eos"}
     assert len(lengths) >= 3 and "length" in eager[1]  # rows left at several steps, some went on
     assert generate(ours, prompts, 24, stop_ids=stops, compile=True) == eager
+
+
+@pytest.mark.cuda
+@CUDA
+def test_bfloat16_attention_never_runs_the_math_kernel_on_cuda(tmp_path):
+    """With SDPA's math kernel switched off, bfloat16 on CUDA still runs every attention mode:
+    plain rows, packed rows (FlashAttention's variable-length kernel, forward and backward), and
+    prefill and decode steps of `generate`. Packed rows equal each sequence alone, and the varlen
+    kernel equals the masked float32 path, within bfloat16 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    make_hf("llama_gqa_untied", tmp_path)
+    ours = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(7)
+    lengths = [9, 14, 5]
+    ids = [torch.randint(0, COMMON["vocab_size"], (n,), generator=g).cuda() for n in lengths]
+    tokens = torch.cat(ids + [torch.zeros(4, dtype=torch.long, device="cuda")])[None]  # one row of 32
+    positions = torch.cat([torch.arange(n) for n in lengths + [4]]).cuda()[None]
+    docs = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths + [4])]).cuda()[None]
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused), torch.no_grad():
+        packed = ours.hidden_states(tokens, positions=positions, docs=docs)[0].float()
+        start = 0
+        for seq in ids:
+            alone = ours.hidden_states(seq[None])[0].float()
+            assert (packed[start:start + len(seq)] - alone).abs().max() <= 0.05 * alone.abs().max()
+            start += len(seq)
+        out, _ = generate(ours, [seq.tolist() for seq in ids], 12)
+        assert [len(o) for o in out] == [12] * 3
+    q, k, v = (torch.randn(1, 32, h, 16, generator=g).cuda().requires_grad_() for h in (4, 2, 2))
+    cu_seqlens = torch.tensor([0, 9, 23, 28, 32], dtype=torch.int32, device="cuda")
+    with sdpa_kernel(fused):
+        varlen = document_attention(*(t.bfloat16() for t in (q, k, v)), docs, cu_seqlens)
+        masked = document_attention(q, k, v, docs)  # float32: the masked path (K/V given every head)
+    assert (varlen.float() - masked).abs().max() < 2e-2
+    grads = [torch.autograd.grad((y.float() * torch.linspace(-1, 1, 16, device="cuda")).sum(), (q, k, v))
+             for y in (varlen, masked)]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
 def test_sharded_checkpoint_loads(tmp_path):

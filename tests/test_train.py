@@ -1,9 +1,12 @@
 """train.py on a tiny random model: the loss, the step, accumulation, resume, DDP, bad data."""
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,10 @@ from safetensors.torch import load_file
 import idft
 import train
 from data import encode_example, load_examples
+from model import Transformer
 from plumbing.metrics import read_metrics
 from plumbing.report import plot_run
+from test_model import CASES, make_hf
 from tokenizer import Tokenizer
 
 torch.set_num_threads(1)
@@ -130,9 +135,9 @@ def test_sft_step_matches_handwritten_reference(tiny_model_dir, tmp_path):
 def test_gradient_accumulation_with_uneven_lengths(tiny_model_dir, tmp_path):
     rows = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[3], QUESTIONS[6]]  # response lengths differ a lot
     data = write_data(tmp_path / "d.jsonl", rows)
-    common = dict(loss="idft", max_steps=1, grad_clip=0)
-    assert train.main(base_args(tiny_model_dir, data, tmp_path / "whole", **common, micro_batch_size=4)) == 0
-    assert train.main(base_args(tiny_model_dir, data, tmp_path / "micro", **common, micro_batch_size=1)) == 0
+    common = dict(loss="idft", max_steps=1, grad_clip=0)  # unpacked: padded micro-batches of uneven widths
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "whole", **common, micro_batch_size=4) + ["--no-pack"]) == 0
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "micro", **common, micro_batch_size=1) + ["--no-pack"]) == 0
     whole, micro = final_weights(tmp_path / "whole"), final_weights(tmp_path / "micro")
     for name in whole:
         assert torch.allclose(whole[name], micro[name], atol=1e-6, rtol=0), name
@@ -189,15 +194,19 @@ def test_checkpoint_loads_in_transformers(tiny_model_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     data = write_data(tmp_path / "d.jsonl", QUESTIONS[:4])
     out = tmp_path / "run"
-    real = train.idft.chunked_loss_sum
-    calls = {"n": 0}
+    real, real_lr = train.idft.chunked_loss_sum, train.learning_rate
+    step = {"n": 0}
 
     def poisoned(*a, **k):
         loss, n, toks = real(*a, **k)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] > 4 else loss), n, toks  # NaN from step 3 on
+        return (loss * float("nan") if step["n"] >= 2 else loss), n, toks  # NaN from step 3 on
+
+    def learning_rate(n, *a):
+        step["n"] = n  # 0-based: the step about to run
+        return real_lr(n, *a)
 
     monkeypatch.setattr(train.idft, "chunked_loss_sum", poisoned)
+    monkeypatch.setattr(train, "learning_rate", learning_rate)
     assert train.main(base_args(tiny_model_dir, data, out, max_steps=5, save_every=1)) == 1
     assert (out / "latest").read_text().strip().endswith("step-0000002")
 
@@ -229,6 +238,105 @@ def test_two_processes_equal_one(sharding, tiny_model_dir, tmp_path):
     for one_row, two_row in zip(one_rows, two_rows):
         for key in keys:
             assert two_row[key] == pytest.approx(one_row[key], rel=1e-4, abs=1e-6), key
+
+
+# ---- Packing -----------------------------------------------------------------------------------
+
+
+class GradientRecorder:
+    """An optimizer for train.train_step that keeps the step's accumulated gradients instead of stepping."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def random_sequences(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [train.Sequence(torch.randint(1, vocab, (n,), generator=g).tolist(), max(1, n // 3)) for n in lengths]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_step_equals_unpacked_step(case, tmp_path):
+    """One step's examples give the same loss, gradients and φ_t packed into rows (positions
+    restarting per sequence, attention within each sequence) as one per padded row, for every
+    family: GQA, biases, q/k norm, Llama-3 RoPE scaling (positions past its original 16)."""
+    make_hf(case, tmp_path)
+    model = Transformer.from_pretrained(tmp_path).train()
+    head = train.LossHead(model, "idft", dict(beta=1.0, gamma_min=0.1, gamma_max=2.0, b=None, top_k=None))
+    seqs = random_sequences([5, 37, 12, 64, 9, 23, 41, 3, 17, 30], vocab=97)
+    results = {}
+    for layout, pack_len, micro in (("unpacked", None, 10), ("packed", 64, 1), ("packed, 3 rows", 64, 3)):
+        recorder = GradientRecorder(head.parameters())
+        micro_batches = train.step_batches(seqs, 0, 10, 0, 0, 1, micro, pack_len)
+        result = train.train_step(head, head, recorder, micro_batches, 0.7, 0, "cpu", nullcontext(), 0, 1, pack_len)
+        results[layout] = result, recorder.grads
+    (ref, ref_grads) = results["unpacked"]
+    assert len(train.step_batches(seqs, 0, 10, 0, 0, 1, 1, 64)) == 4  # 4 rows: several micro-batches
+    for layout in ("packed", "packed, 3 rows"):
+        result, grads = results[layout]
+        assert result.loss == pytest.approx(ref.loss, rel=1e-6), layout
+        for g, g_ref in zip(grads, ref_grads):
+            assert (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max(), layout
+        assert torch.allclose(result.phi.sort().values, ref.phi.sort().values, atol=1e-5)
+        assert result.n_tokens == ref.n_tokens == sum(len(s.ids) - 1 for s in seqs)
+        assert result.padding_share < ref.padding_share
+
+
+def test_pack_and_deal_keep_the_steps_examples():
+    """Packing changes the layout, never the selection: every example of the step lands in one
+    row exactly once, rows hold at most --max-len inputs, each rank runs as many micro-batches of
+    at most --micro-batch-size rows."""
+    seqs = random_sequences([int(x) for x in torch.randint(2, 60, (50,), generator=torch.Generator().manual_seed(1))],
+                            vocab=97)
+    for step, world, micro in itertools.product((0, 3), (1, 2, 3), (1, 2, 4)):
+        unpacked = [s for r in range(world) for mb in train.step_batches(seqs, step, 12, 5, r, world, micro)
+                    for row in mb for s in row]
+        packed = [train.step_batches(seqs, step, 12, 5, r, world, micro, 64) for r in range(world)]
+        assert len({len(mbs) for mbs in packed}) == 1  # the same number of forwards on every rank
+        assert all(len(mb) <= micro for mbs in packed for mb in mbs)
+        rows = [row for mbs in packed for mb in mbs for row in mb]
+        assert all(sum(len(s.ids) for s in row) <= 64 + 1 for row in rows)
+        assert sorted(map(id, (s for row in rows for s in row))) == sorted(map(id, unpacked))
+        assert len(unpacked) == 12
+
+
+def test_packing_wastes_under_5_percent_on_chain_of_thought_lengths():
+    """Best-fit decreasing on a step of 128 long, uneven sequences (log-normal lengths, median 500
+    tokens, rows of 2048): under 5% of the input slots are padding (at most one row's worth is
+    inevitable), where one sequence per row padded to the longest of its micro-batch of 4 wastes
+    far more."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        lengths = (torch.randn(128, generator=g) * 0.8 + math.log(500)).exp().clamp(32, 2048).long().tolist()
+        seqs = [train.Sequence([1] * n, 1) for n in lengths]
+        tokens = sum(n - 1 for n in lengths)
+        packed = train.pack(seqs, 2048)
+        assert 1 - tokens / (len(packed) * 2048) < 0.05
+        assert len(packed) < 1.1 * tokens / 2049 + 1  # near the fewest rows possible
+        micro = [lengths[i:i + 4] for i in range(0, 128, 4)]  # the unpacked layout, not sorted
+        assert 1 - tokens / sum(4 * (max(m) - 1) for m in micro) > 0.3
+
+
+def test_padding_share_is_logged(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)
+    shares = {}
+    for layout in ("--pack", "--no-pack"):
+        out = tmp_path / layout.strip("-")
+        assert train.main(base_args(tiny_model_dir, data, out, max_steps=2, batch_size=8) + [layout]) == 0
+        shares[layout] = [r["padding_share"] for r in read_metrics(out) if "loss" in r]
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    tokens = sum(len(encode_example(tok, ex)[0]) - 1 for ex in load_examples(data))  # every example, every step
+    for share in shares["--pack"]:
+        rows = tokens / ((1 - share) * 256)  # the logged share must describe whole rows of --max-len 256
+        assert rows == pytest.approx(round(rows), abs=1e-6) and round(rows) * 257 >= tokens + 8
+    assert max(shares["--pack"]) < min(shares["--no-pack"])
 
 
 @pytest.mark.parametrize("line, message", [
@@ -269,10 +377,10 @@ def test_bundled_model_trains_two_steps_on_generated_data(tmp_path):
 
     tok, model = Tokenizer.from_pretrained(BUNDLED_NAME), Transformer.from_pretrained(BUNDLED_NAME)
     seqs, _ = train.tokenize_dataset(tmp_path / "data" / "train.jsonl", tok, 512)
-    [batch] = train.step_batches(seqs, 0, 2, 0, 0, 1, micro_batch_size=2)
-    inputs, targets, mask = train.collate(batch, tok.pad_id, "cpu")
-    with torch.no_grad():
-        loss_sum, n_valid, _ = idft.loss_sum(model(inputs), targets, mask, "idft")
+    [micro_batch] = train.step_batches(seqs, 0, 2, 0, 0, 1, micro_batch_size=2)  # one sequence per row, unpacked
+    batch = train.collate(micro_batch, tok.pad_id, "cpu")
+    with torch.no_grad():  # the run packed the same two sequences into rows of --max-len
+        loss_sum, n_valid, _ = idft.loss_sum(model(batch.inputs), batch.targets, batch.mask, "idft")
     assert rows[0]["loss"] == pytest.approx(loss_sum.item() / n_valid, rel=1e-5)
 
 
@@ -342,3 +450,24 @@ def test_one_process_nccl_ddp_step_equals_plain_step_on_cuda(tiny_model_dir, tmp
     plain, ddp = final_weights(tmp_path / "plain"), final_weights(tmp_path / "ddp")
     for name in plain:
         assert torch.allclose(plain[name], ddp[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.cuda
+@CUDA
+def test_packed_bf16_step_equals_unpacked_bf16_step_on_cuda(tmp_path):
+    """On CUDA in bfloat16 packed rows run FlashAttention's variable-length kernel: the step's
+    loss and gradients agree with the unpacked step's (flash, causal) within bfloat16 rounding."""
+    make_hf("qwen3_qk_norm", tmp_path)
+    model = Transformer.from_pretrained(tmp_path, device="cuda").train()
+    head = train.LossHead(model, "idft", dict(beta=1.0, gamma_min=0.1, gamma_max=2.0, b=None, top_k=None))
+    seqs = random_sequences([5, 37, 12, 64, 9, 23, 41, 3, 17, 30], vocab=97)
+    results = {}
+    for pack_len in (None, 64):
+        recorder = GradientRecorder(head.parameters())
+        micro_batches = train.step_batches(seqs, 0, 10, 0, 0, 1, 2, pack_len)
+        result = train.train_step(head, head, recorder, micro_batches, 0.7, 0, "cuda",
+                                  torch.autocast("cuda", dtype=torch.bfloat16), 0, 1, pack_len)
+        results[pack_len] = result, torch.cat([g.flatten() for g in recorder.grads])
+    (packed, g_packed), (unpacked, g_unpacked) = results[64], results[None]
+    assert packed.loss == pytest.approx(unpacked.loss, rel=BF16_LOSS_RTOL)
+    assert torch.nn.functional.cosine_similarity(g_packed, g_unpacked, dim=0) > 0.99
