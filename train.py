@@ -406,9 +406,9 @@ def train(args) -> int:
             result = None
             if batch:  # online: empty when nothing verified; the step is then logged and skipped
                 t_train = time.perf_counter()
-                result = train_step(step_fn, loss_head, optimizer, deal(batch, rank, world, args.micro_batch_size,
-                                                                        pack_len),
-                                    lam, tokenizer.pad_id, device, autocast, args.grad_clip, world, pack_len)
+                micro_batches = deal(batch, rank, world, args.micro_batch_size, pack_len)
+                result = train_step(step_fn, loss_head, optimizer, micro_batches, lam, tokenizer.pad_id, device,
+                                    autocast, args.grad_clip, world, pack_len)
                 if args.online:
                     online["train_seconds"] = time.perf_counter() - t_train
             step += 1

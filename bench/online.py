@@ -57,7 +57,8 @@ def main(argv=None):
                          str(batch), "--online-max-new-tokens", str(args.max_new_tokens)])
         steps = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
     gen = [s["gen_seconds"] / batch for s in steps]
-    train = [s["train_seconds"] for s in steps if "train_seconds" in s]
+    train = [s.get("train_seconds") for s in steps]  # None: nothing verified, no update
+    trained = [t for t in train if t is not None]
     results = {
         "offline_pipeline": {"problems": int(n), "seconds": seconds, "seconds_per_problem": seconds / n},
         "online": {"steps": len(steps), "problems_per_step": batch, "gen_seconds_per_problem": gen,
@@ -65,14 +66,14 @@ def main(argv=None):
                    "trained_per_step": [s["online_trained"] for s in steps]},
     }
     ratios = {"online_generation_over_offline_pipeline": (sum(gen) / len(gen)) / (seconds / n)}
-    if train:
+    if trained:
         ratios["online_step_over_training_alone"] = ((sum(s["gen_seconds"] for s in steps) / len(steps))
-                                                     + sum(train) / len(train)) / (sum(train) / len(train))
+                                                     + sum(trained) / len(trained)) / (sum(trained) / len(trained))
     print(f"offline pipeline {seconds / n:.2f} s per problem; online generation "
           f"{', '.join(f'{g:.2f}' for g in gen)} s per problem (steps 1, 2): "
           f"{ratios['online_generation_over_offline_pipeline']:.2f}x"
           + (f"; an online step takes {ratios['online_step_over_training_alone']:.1f}x its training alone"
-             if train else "; no step trained (nothing verified)"))
+             if trained else "; no step trained (nothing verified)"))
     report = new_report("cpu", {"model": name, "problems": args.problems,
                                 "batch": batch, "max_new_tokens": args.max_new_tokens,
                                 "decoding": "greedy, pipeline defaults (beta_mix 3, linear), one thread"})

@@ -1,7 +1,8 @@
 """Regenerate BENCHMARKS.md from every bench/results/*.json: `python bench/report.py`.
 
 One section per workload (training step, packed training, greedy decoding, length scaling, hinted
-decoding, prefill memory, memory-lean loss, the data-parallel pipeline), one table per result file: ours, the peer, the ratio, the machine and the
+decoding, prefill memory, memory-lean loss, the data-parallel pipeline, online training), one table per
+result file: ours, the peer, the ratio, the machine and the
 command that reproduces it. On top, the goals of the benchmark issue with met / not met and
 the measured value. Goals are judged on full runs only (the bundled model; `--quick` runs on
 a tiny random model are listed but never count). Every number comes from a result file.
@@ -381,6 +382,30 @@ def data_parallel_section(results) -> list[str]:
     return out
 
 
+def online_section(results) -> list[str]:
+    out = ["## What being online costs (`train.py --online` against the offline pipeline)", "",
+           ("Offline: `hinted_decode.py` rewrites the problems once, up front (its own clock after loading, per "
+            "problem). Online: each `train.py --online` step rewrites its batch of problems with the current weights "
+            "(`gen_seconds` in metrics.jsonl, per problem), then trains on what verified (`train_seconds`). Both run "
+            "the same rule (`hinted_decode.rewrite_batch`). `bench/online.py`."), ""]
+    for label, run, _ in runs(results, "online"):
+        s, res, ratios = run["settings"], run["results"], run["ratios"]
+        on = res["online"]
+        rows = [["offline pipeline", f"{res['offline_pipeline']['seconds_per_problem']:.2f}", "", ""]]
+        rows += [[f"online step {i + 1}", f"{g:.2f}", f"{t:.2f}" if t is not None else "no update", n]
+                 for i, (g, t, n) in enumerate(zip(on["gen_seconds_per_problem"], on["train_seconds_per_step"],
+                                                   on["trained_per_step"]))]
+        tail = (f"Online generation / offline pipeline, per problem: **{x(ratios['online_generation_over_offline_pipeline'])}**"
+                + (f"; an online step takes **{x(ratios['online_step_over_training_alone'])}** its training alone"
+                   if "online_step_over_training_alone" in ratios else "; no step trained (nothing verified)") + ".  ")
+        out += [f"### {label}: {s['model']}, {s['problems']} problems, batch {s['batch']}, "
+                f"{s['max_new_tokens']} new tokens ({s['decoding']})", "",
+                table(["run", "generation s per problem", "training s per step", "trained"], rows), "",
+                tail + f"Load average at the start: {' / '.join(f'{v:.1f}' for v in run['loadavg_start'])}.  ",
+                provenance(run), ""]
+    return out
+
+
 def render(results: dict) -> str:
     gpu_results = [stem for stem, data in results.items() if is_gpu(data)]
     lines = ["# Benchmarks", "",
@@ -397,7 +422,7 @@ def render(results: dict) -> str:
                   "compile our training step, and add transformers' static-cache + compile decoding; those code "
                   "paths have not been run."), ""]
     for section in (train_section, packing_section, decode_section, scaling_section, hinted_section,
-                    prefill_memory_section, loss_memory_section, data_parallel_section):
+                    prefill_memory_section, loss_memory_section, data_parallel_section, online_section):
         lines += section(results)
     return "\n".join(lines).rstrip() + "\n"
 
