@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 from plumbing.cli import UserError
 from plumbing.files import read_json
@@ -323,6 +324,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # train.py --activation-checkpointing (`hidden_states`)
         self.init_rope()
 
     def init_rope(self):
@@ -351,6 +353,11 @@ class Transformer(nn.Module):
         the earlier tokens of its own document (`document_attention`). With a cache: `slots`
         [T] are the cache slots these tokens occupy, the same for every row; several tokens are
         a prefill, one token a decode step.
+
+        With `activation_checkpointing` (and gradients on, no cache) each block keeps only its
+        input x for backward, which reruns the block to get the rest (torch.utils.checkpoint):
+        the saved activations shrink from every intermediate of every block to one [B, T, dim]
+        tensor per block, for one more forward of the blocks. The gradients are the same.
         """
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
@@ -363,9 +370,13 @@ class Transformer(nn.Module):
         if docs is not None and tokens.is_cuda:
             cu_seqlens = document_offsets(docs)
         cos, sin = self.rope(positions, x.dtype)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, layer_cache, slots, mask, docs, cu_seqlens)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, docs=docs, cu_seqlens=cu_seqlens, use_reentrant=False)
+            else:
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                x = layer(x, cos, sin, layer_cache, slots, mask, docs, cu_seqlens)
         return self.norm(x)
 
     def forward(self, tokens, slots=None, cache: KVCache | None = None):

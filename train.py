@@ -368,6 +368,7 @@ def train(args) -> int:
         raise UserError(f"--eaft-top-k {args.eaft_top_k} exceeds the model's vocabulary ({model.config.vocab_size})")
     knobs = dict(beta=args.beta, gamma_min=args.gamma_min, gamma_max=args.gamma_max, b=args.threshold,
                  top_k=args.eaft_top_k)
+    model.activation_checkpointing = cuda if args.activation_checkpointing is None else args.activation_checkpointing
     loss_head = parallelize(LossHead(model, args.loss, knobs), model.layers, distributed, args.fsdp, device)
     optimizer = build_optimizer(loss_head, args.lr, args.weight_decay, fused=cuda)
     step = first = start_step(out, args, resume_dir, loss_head, optimizer, cuda, main_process, log)
@@ -382,6 +383,7 @@ def train(args) -> int:
         log(f"{len(items)} {'problems, rewritten online' if args.online else 'training sequences'} "
             f"({skipped} skipped: longer than --max-len {args.max_len}); {total_steps} steps of {args.batch_size}; "
             f"loss {args.loss}; world {world}; compile {compile_step}; {dtype}; "
+            f"activation checkpointing {'on' if model.activation_checkpointing else 'off'}; "
             + (f"packed in rows of {pack_len}" if pack_len else "not packed"))
     n_params = sum(p.numel() for p in model.parameters())
     peak_flops = next((f for k, f in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
@@ -504,9 +506,13 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=positive_int, default=1, help="steps between log lines")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its latest checkpoint; only --max-steps, --epochs, "
-                         "--micro-batch-size, --compile, --fsdp and the log/eval/save cadences may change")
+                         "--micro-batch-size, --compile, --fsdp, --activation-checkpointing and the log/eval/save cadences "
+                         "may change")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the training step (default: on for CUDA, off for CPU)")
+    ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep only each decoder block's input for backward and rerun the block there: the same "
+                         "gradients, far less memory, one more forward (default: on for CUDA, off for CPU)")
     ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="compute dtype (autocast; weights and optimizer stay float32). Default: bfloat16 on CUDA")
     ap.add_argument("--fsdp", action="store_true", help="shard parameters across ranks with FSDP2 (under torchrun)")

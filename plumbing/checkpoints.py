@@ -43,7 +43,7 @@ RUN_OUTPUTS = ("args.json", "metrics.jsonl", "online.jsonl", "latest", "checkpoi
 # evaluates, and how the same arithmetic is laid out on the hardware); every other setting
 # defines the run and must stay as it was (run_settings).
 RESUMABLE = ("max_steps", "epochs", "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every",
-             "compile", "fsdp", "pack")
+             "compile", "fsdp", "pack", "activation_checkpointing")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
