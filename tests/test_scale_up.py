@@ -1,15 +1,23 @@
 """What a 7B run on GPUs needs, checked on the CPU: activation checkpointing, FSDP2 mixed
 precision, compiled blocks that do not recompile, and the sharded trainer state (docs/gpu.md)."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch.utils.checkpoint import checkpoint
 
 import model as model_module
 import train
 from model import Transformer
+from plumbing.checkpoints import SavedWeights
 from test_model import CASES, make_hf
 from test_train import QUESTIONS, GradientRecorder, base_args, final_weights, random_sequences, write_data
 
@@ -48,7 +56,7 @@ def test_checkpointed_gradients_equal_plain_ones(case, pack_len, tmp_path):
         recorder = GradientRecorder(head.parameters())
         b = train.collate(micro_batches[0], 0, "cpu", pack_len)
         _, saved = saved_bytes(lambda: head(b.inputs, b.targets, b.mask, torch.tensor(0.7), b.positions, b.docs))
-        result = train.train_step(head, head, recorder, micro_batches, 0.7, 0, "cpu", nullcontext(), 0, 1, pack_len)
+        result = train.train_step(head, recorder, micro_batches, 0.7, 0, "cpu", nullcontext(), 0, 1, pack_len)
         runs[checkpointing] = result, recorder.grads, saved
     (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = runs[False], runs[True]
     assert ckpt.loss == plain.loss and torch.equal(ckpt.phi, plain.phi)
@@ -65,3 +73,108 @@ def test_train_with_activation_checkpointing_writes_the_same_model(tiny_model_di
         assert bool(calls) == (name == "ckpt")  # 2 steps × 2 micro-batches × 2 blocks
     plain, ckpt = final_weights(tmp_path / "plain"), final_weights(tmp_path / "ckpt")
     assert all(torch.equal(plain[k], ckpt[k]) for k in plain)
+
+
+# ---- 2 and 3. Compiled blocks, FSDP2 mixed precision ---------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("scale_up_worker.py")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ONE_PROCESS_GRAPHS = 3  # compile_blocks: the first shape, any other, a single row
+FSDP_GRAPHS = 4  # under FSDP2 one more: a guard on a tensor that FSDP sets to None between steps
+
+
+def worker(*args, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, str(WORKER), *args], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][0])
+
+
+@pytest.fixture(scope="module")
+def one_process_packed():
+    return worker()
+
+
+def assert_compiles_stop(steps, bound):
+    graphs = [s["graphs"] for s in steps]
+    rows = [tuple(s["rows"]) for s in steps]
+    assert len(set(rows)) >= 4 and len({s["loss"] for s in steps}) == len(steps)  # the batches do vary
+    assert 0 < graphs[-1] <= bound, graphs  # bounded: no graph per new row count or length
+    assert sum(b > a for a, b in zip(graphs, graphs[1:])) <= 2, graphs
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
+def test_compiled_blocks_stop_compiling_after_the_first_shapes(pack, one_process_packed):
+    """12 steps whose row counts, lengths and valid-token counts all change: the compiled
+    blocks (checkpointed, Dynamo's aot_eager backend) capture at most ONE_PROCESS_GRAPHS
+    graphs, then none; the loss stays eager, so the valid-token count never recompiles."""
+    run = one_process_packed if pack else worker("--no-pack")
+    assert_compiles_stop(run["steps"], ONE_PROCESS_GRAPHS)
+
+
+def test_two_process_fsdp_bf16_compiled_step_is_bounded_and_mixed_precision(one_process_packed):
+    """2-process FSDP2 (gloo) with compiled, checkpointed blocks and --dtype bfloat16: the
+    blocks compute with bfloat16 weights (gathered so by MixedPrecisionPolicy), parameters and
+    AdamW state stay float32, the graphs stay bounded, and the losses follow the one-process
+    float32 run within bfloat16 rounding."""
+    run = worker("--fsdp", "--dtype", "bfloat16", nproc=2)
+    assert run["compute_dtypes"] == ["torch.bfloat16"]
+    assert run["param_dtypes"] == run["optimizer_dtypes"] == ["torch.float32"]
+    assert one_process_packed["compute_dtypes"] == ["torch.float32"]
+    assert_compiles_stop(run["steps"], FSDP_GRAPHS)
+    for two, one in zip(run["steps"], one_process_packed["steps"]):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-2)
+
+
+# ---- 4. Sharded trainer state, bfloat16 export -----------------------------------------------------
+
+
+def test_bf16_export_loads_in_transformers_and_resume_stays_exact(tiny_model_dir, tmp_path):
+    """--save-dtype bfloat16 exports bfloat16 safetensors that transformers loads, with logits
+    equal to the float32 model's within bfloat16 rounding; a resume reads the float32 state/,
+    not the export, so it continues bit for bit: its final export is exactly the uninterrupted
+    float32 run's weights rounded to bfloat16."""
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "f32", max_steps=3)) == 0
+    bf16 = base_args(tiny_model_dir, data, tmp_path / "bf16", save_dtype="bfloat16", max_steps=3, save_every=2)
+    assert train.main(bf16) == 0
+    shutil.rmtree(tmp_path / "bf16" / "checkpoints" / "step-0000003")  # as if stopped after step 2's save
+    (tmp_path / "bf16" / "latest").write_text("checkpoints/step-0000002\n")
+    step2 = tmp_path / "bf16" / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in (step2 / "state").iterdir()) == [".metadata", "__0_0.distcp"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(step2)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = Transformer.from_pretrained(step2)  # float32 architecture, then the float32 state
+    saved = SavedWeights(step2 / "state", reference)
+    reference.load_state_dict({name: saved[name] for name in reference.state_dict()})
+    with torch.no_grad():
+        want, got = reference(tokens), hf(tokens).logits.float()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()  # 8-bit mantissas through 2 blocks
+    assert (got - want).abs().max() > 0  # it is bfloat16
+    assert train.main(bf16 + ["--resume"]) == 0
+    f32, resumed = final_weights(tmp_path / "f32"), final_weights(tmp_path / "bf16")
+    assert all(torch.equal(f32[k].to(torch.bfloat16), resumed[k]) for k in f32)
+
+
+def test_two_fsdp_processes_save_shards_that_one_process_resumes(tiny_model_dir, tmp_path):
+    """Each FSDP2 rank writes its own part of the state (no gather on rank 0); one process
+    resumes from it (DCP reshards on load) and lands where a one-process run lands."""
+    data = write_data(tmp_path / "d.jsonl", QUESTIONS)
+    args = base_args(tiny_model_dir, data, tmp_path / "fsdp", micro_batch_size=1, max_steps=3, save_every=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *args, "--fsdp"]
+    proc = subprocess.run(cmd, env=dict(ENV, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = tmp_path / "fsdp" / "checkpoints" / "step-0000002" / "state"
+    assert sorted(p.name for p in state.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-0000003")  # as if stopped after step 2's save
+    (tmp_path / "fsdp" / "latest").write_text("checkpoints/step-0000002\n")
+    assert train.main(args + ["--resume"]) == 0
+    assert train.main(base_args(tiny_model_dir, data, tmp_path / "one", micro_batch_size=1, max_steps=3,
+                                save_every=2)) == 0
+    one, resumed = final_weights(tmp_path / "one"), final_weights(tmp_path / "fsdp")
+    for name in one:
+        assert torch.allclose(one[name], resumed[name], atol=2e-6, rtol=0), name
