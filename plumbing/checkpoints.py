@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -67,6 +68,10 @@ def latest_checkpoint(out: Path) -> Path | None:
     return fallback
 
 
+# how torch.save, safetensors and DCP's writers report a full disk or a file-size limit
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
+
+
 def save_checkpoint(out: Path, step: int, loss_head, optimizer, source_dir: Path, rank: int, keep: int,
                     save_dtype: torch.dtype):
     """Write checkpoints/step-N, atomically: the training state sharded (state/: every rank
@@ -83,7 +88,7 @@ def save_checkpoint(out: Path, step: int, loss_head, optimizer, source_dir: Path
     try:
         barrier()  # the temporary directory is fresh before any rank writes into it
         save_state(tmp / STATE_DIR, loss_head, optimizer)
-    except (OSError, RuntimeError) as e:  # how DCP's writers report a full disk
+    except SAVE_ERRORS as e:
         error = e
     if rank != 0:
         if error is not None:
@@ -101,7 +106,7 @@ def save_checkpoint(out: Path, step: int, loss_head, optimizer, source_dir: Path
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
         torch.save(state, tmp / "trainer_state.pt")
-    except (OSError, RuntimeError, SafetensorError) as e:  # how torch.save and safetensors report a full disk
+    except SAVE_ERRORS as e:
         raise failed_save(out, tmp, name, e) from None
     shutil.rmtree(final, ignore_errors=True)  # a leftover from a run that crashed after this step
     os.replace(tmp, final)
