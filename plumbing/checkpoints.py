@@ -121,6 +121,8 @@ def failed_save(out: Path, tmp: Path, name: str, error: Exception) -> RunError:
     temporary directory; the checkpoints on disk and `latest` are untouched, so a --resume
     (with space freed) continues from the last complete one."""
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, CheckpointException):  # DCP's wrapper around each rank's own error
+        error = next(iter(error.failures.values()))[0]
     pointer = out / "latest"
     last = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
