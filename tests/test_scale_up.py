@@ -81,7 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("scale_up_worker.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 ONE_PROCESS_GRAPHS = 3  # compile_blocks: the first shape, any other, a single row
-FSDP_GRAPHS = 4  # under FSDP2 one more: a guard on a tensor that FSDP sets to None between steps
+FSDP_GRAPHS = 4  # under FSDP2 one more: Dynamo reports a guard on a value that has become None
 
 
 def worker(*args, nproc=1):
