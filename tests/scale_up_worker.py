@@ -1,9 +1,10 @@
-"""Run by tests/test_scale_up.py, in one process or under torchrun: 12 training steps of a tiny
-model whose batches change their row counts, lengths and valid-token counts every step, with
+"""Run by tests/test_scale_up.py, in one process or under torchrun: 10 training steps of a tiny
+model per layout (packed rows, and one sequence per row), whose batches change their row counts,
+lengths and valid-token counts every step, with
 activation checkpointing, compiled blocks (Dynamo, backend aot_eager: graph capture and AOT
 autograd without a C++ compiler) and, with --fsdp, FSDP2 (--dtype bfloat16: its mixed-precision
-policy). Prints one JSON line: the loss and the compiled-graph count after each step, and the
-dtypes the blocks saw and the optimizer holds."""
+policy). Prints one JSON line: per layout, each step's loss, valid tokens and graphs compiled
+so far, and the dtypes the blocks saw and the optimizer holds."""
 
 import argparse
 import json
@@ -21,7 +22,7 @@ from test_train import random_sequences  # noqa: E402  (this script's directory 
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--fsdp", action="store_true")
-ap.add_argument("--no-pack", action="store_true")
+ap.add_argument("--layouts", nargs="+", choices=("packed", "unpacked"), default=["packed"])
 ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
 ap.add_argument("--dtype", default="float32")
 args = ap.parse_args()
@@ -40,15 +41,18 @@ seen = set()  # the dtypes of the weights the blocks compute with
 for block in model.layers:
     block.register_forward_pre_hook(lambda m, i: seen.add(str(m.mlp.up_proj.weight.dtype)))  # after FSDP's gather
 optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-pack_len = None if args.no_pack else 64
-g = torch.Generator().manual_seed(0)
-steps = []
-for step in range(12):
-    n = int(torch.randint(2, 11, (1,), generator=g))
-    seqs = random_sequences(torch.randint(3, 60, (n,), generator=g).tolist(), 97, step)
-    micro = train.deal(seqs, rank, world, 3, pack_len)
-    result = train.train_step(head, optimizer, micro, 0.5, 0, device, autocast, 1.0, world, pack_len)
-    steps.append({"loss": result.loss, "graphs": compiled_graphs(), "rows": [len(mb) for mb in micro]})
+runs = {}
+for layout in args.layouts:  # the graphs of packed and unpacked batches differ (documents or none)
+    pack_len, start = (64 if layout == "packed" else None), compiled_graphs()
+    g = torch.Generator().manual_seed(0)
+    runs[layout] = []
+    for step in range(10):
+        n = int(torch.randint(2, 11, (1,), generator=g))
+        seqs = random_sequences(torch.randint(3, 60, (n,), generator=g).tolist(), 97, step)
+        micro = train.deal(seqs, rank, world, 3, pack_len)
+        result = train.train_step(head, optimizer, micro, 0.5, 0, device, autocast, 1.0, world, pack_len)
+        runs[layout].append({"loss": result.loss, "graphs": compiled_graphs() - start,
+                             "rows": [len(mb) for mb in micro], "valid": int(result.phi.numel())})
 state = [str(t.dtype) for s in optimizer.state.values() for t in s.values() if t.ndim]
-print(json.dumps({"steps": steps, "compute_dtypes": sorted(seen), "optimizer_dtypes": sorted(set(state)),
+print(json.dumps({**runs, "compute_dtypes": sorted(seen), "optimizer_dtypes": sorted(set(state)),
                   "param_dtypes": sorted({str(p.dtype) for p in head.parameters()})}))
