@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 from plumbing.cli import UserError
 from plumbing.files import read_json
@@ -323,6 +324,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # train.py --activation-checkpointing (`hidden_states`)
         self.init_rope()
 
     def init_rope(self):
@@ -351,6 +353,11 @@ class Transformer(nn.Module):
         the earlier tokens of its own document (`document_attention`). With a cache: `slots`
         [T] are the cache slots these tokens occupy, the same for every row; several tokens are
         a prefill, one token a decode step.
+
+        With `activation_checkpointing` (and gradients on, no cache) each block keeps only its
+        input x for backward, which reruns the block to get the rest (torch.utils.checkpoint):
+        the saved activations shrink from every intermediate of every block to one [B, T, dim]
+        tensor per block, for one more forward of the blocks. The gradients are the same.
         """
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
@@ -363,9 +370,13 @@ class Transformer(nn.Module):
         if docs is not None and tokens.is_cuda:
             cu_seqlens = document_offsets(docs)
         cos, sin = self.rope(positions, x.dtype)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, layer_cache, slots, mask, docs, cu_seqlens)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, docs=docs, cu_seqlens=cu_seqlens, use_reentrant=False)
+            else:
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                x = layer(x, cos, sin, layer_cache, slots, mask, docs, cu_seqlens)
         return self.norm(x)
 
     def forward(self, tokens, slots=None, cache: KVCache | None = None):
@@ -430,29 +441,33 @@ class Transformer(nn.Module):
         model.init_rope()
         return model.eval()
 
-    def save_pretrained(self, out_dir, state_dict=None, max_shard_size: int = 5 * 10**9):
+    def save_pretrained(self, out_dir, state_dict=None, max_shard_size: int = 5 * 10**9, dtype=None):
         """Write config.json + safetensors that transformers loads as the same model.
 
-        `state_dict` (our names) replaces this module's own, e.g. a full copy gathered from
-        the shards of an FSDP run. Tensors are packed in order into shards of at most
-        `max_shard_size` bytes (default 5e9, transformers 4's "5GB"; a bigger tensor gets a
-        shard of its own): one shard is model.safetensors, several are
-        model-0000k-of-0000n.safetensors listed by model.safetensors.index.json, transformers'
-        layout. Each file is written to a temp file
+        `state_dict` (our names; anything indexable by name) replaces this module's own, e.g.
+        the float32 weights read back from a sharded training state (plumbing/checkpoints.py);
+        `dtype` (default: the module's own) is the dtype written. Tensors are packed in order
+        into shards of at most `max_shard_size` bytes (default 5e9, transformers 4's "5GB"; a
+        bigger tensor gets a shard of its own), planned from this module's shapes; each shard's
+        tensors are fetched, cast and written before the next shard's are fetched, so a
+        `state_dict` that reads its tensors when indexed keeps at most one shard in memory. One
+        shard is model.safetensors, several are model-0000k-of-0000n.safetensors listed by
+        model.safetensors.index.json, transformers' layout. Each file is written to a temp file
         and renamed; the old index and any safetensors not part of this save are deleted first
         and the new index is written last, so no index ever lists a missing or stale shard.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        dtype = state_dict["embed_tokens.weight"].dtype
+        own = self.state_dict()  # the names and shapes
+        state_dict = own if state_dict is None else state_dict
+        dtype = dtype or own["embed_tokens.weight"].dtype
         cfg = dict(self.config.hf_config, torch_dtype=str(dtype).removeprefix("torch."))
-        shards, shard_bytes = [{}], 0
-        for n, p in state_dict.items():
-            size = p.numel() * p.element_size()
+        shards, shard_bytes = [[]], 0
+        for n, p in own.items():
+            size = p.numel() * dtype.itemsize
             if shards[-1] and shard_bytes + size > max_shard_size:
-                shards, shard_bytes = shards + [{}], 0
-            shards[-1][self.hf_name(n)] = p.detach().contiguous().cpu()
+                shards, shard_bytes = shards + [[]], 0
+            shards[-1].append(n)
             shard_bytes += size
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
@@ -461,12 +476,15 @@ class Transformer(nn.Module):
         for stale in out_dir.glob("*.safetensors"):
             if stale.name not in names:
                 stale.unlink()
-        for name, tensors in zip(names, shards):
-            _write_atomically(out_dir / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        weight_map, total = {}, 0
+        for name, shard in zip(names, shards):
+            tensors = {self.hf_name(n): state_dict[n].detach().to(dtype).contiguous().cpu() for n in shard}
+            _write_atomically(out_dir / name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(tensors, name))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors  # freed before the next shard is fetched
         _write_atomically(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
         if len(shards) > 1:
-            weight_map = {key: name for name, tensors in zip(names, shards) for key in tensors}
-            total = sum(t.numel() * t.element_size() for tensors in shards for t in tensors.values())
             _write_atomically(index, lambda tmp: Path(tmp).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"))
 

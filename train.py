@@ -48,7 +48,8 @@ from plumbing.files import check_disjoint, check_input, check_output, lock_outpu
 from plumbing.metrics import append_metrics, append_records
 from plumbing.precision import DTYPES, compute_dtype
 from plumbing.report import plot_run
-from plumbing.ranks import Ranks, gather_in_order, gather_tokens, parallelize, setup_training, shard, unwrap
+from plumbing.ranks import (Ranks, compiled_graphs, gather_in_order, gather_tokens, parallelize, setup_training, shard,
+                            unwrap)
 from tokenizer import Tokenizer
 
 LENGTH_BUCKET = 64  # unpacked micro-batches are padded to a multiple of this: few distinct shapes to compile
@@ -172,8 +173,10 @@ def collate(rows: list[list[Sequence]], pad_id: int, device, pack_len: int | Non
 
 
 class LossHead(nn.Module):
-    """The model and the loss as one module, so DDP, FSDP and torch.compile see all of it:
-    hidden states h_t, then idft.chunked_loss_sum over the valid tokens."""
+    """The model and the loss as one module, so DDP and FSDP see all of it: hidden states h_t,
+    then idft.chunked_loss_sum over the valid tokens. With --compile only the decoder blocks
+    are compiled (plumbing/ranks.py, compile_blocks): the selection of the valid tokens and the
+    chunked loss follow the data's shapes and stay eager."""
 
     def __init__(self, model: Transformer, method: str, knobs: dict):
         super().__init__()
@@ -215,7 +218,7 @@ class StepResult:
     entropy: torch.Tensor  # H_t of the same tokens
 
 
-def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[list[Sequence]]], lam: float, pad_id: int,
+def train_step(loss_head, optimizer, micro_batches: list[list[list[Sequence]]], lam: float, pad_id: int,
                device, autocast, grad_clip: float, world: int, pack_len: int | None = None) -> StepResult:
     """One optimizer step with one loss denominator:
 
@@ -237,7 +240,7 @@ def train_step(step_fn, loss_head, optimizer, micro_batches: list[list[list[Sequ
     for i, b in enumerate(batches):
         sync = loss_head.no_sync() if is_ddp and i < len(batches) - 1 else nullcontext()  # sync once, at the end
         with sync, autocast:
-            mb_loss_sum, _, (phi, gamma, entropy) = step_fn(b.inputs, b.targets, b.mask, lam_t, b.positions, b.docs)
+            mb_loss_sum, _, (phi, gamma, entropy) = loss_head(b.inputs, b.targets, b.mask, lam_t, b.positions, b.docs)
         # DDP averages gradients over ranks; × world turns that back into the sum over ranks
         (mb_loss_sum * (world / n_valid)).backward()
         loss_sum += mb_loss_sum.detach()
@@ -368,13 +371,21 @@ def train(args) -> int:
         raise UserError(f"--eaft-top-k {args.eaft_top_k} exceeds the model's vocabulary ({model.config.vocab_size})")
     knobs = dict(beta=args.beta, gamma_min=args.gamma_min, gamma_max=args.gamma_max, b=args.threshold,
                  top_k=args.eaft_top_k)
-    loss_head = parallelize(LossHead(model, args.loss, knobs), model.layers, distributed, args.fsdp, device)
-    optimizer = build_optimizer(loss_head, args.lr, args.weight_decay, fused=cuda)
-    step = first = start_step(out, args, resume_dir, loss_head, optimizer, cuda, main_process, log)
+    model.activation_checkpointing = cuda if args.activation_checkpointing is None else args.activation_checkpointing
     compile_step = args.compile if args.compile is not None else cuda
-    step_fn = torch.compile(loss_head) if compile_step else loss_head
     dtype = compute_dtype(args.dtype, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    # Numerics (docs/gpu.md): float32 weights, gradients and AdamW state; bfloat16 compute comes from
+    # FSDP2's bfloat16 all-gathers with --fsdp, from autocast otherwise (cache_enabled=False: each
+    # weight is cast where it is used, and no copy is kept beyond what backward saves)
+    sharded_bf16 = distributed and args.fsdp and dtype == "bfloat16"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+                if dtype == "bfloat16" and not sharded_bf16 else nullcontext())
+    loss_head = parallelize(LossHead(model, args.loss, knobs), model.layers, distributed, args.fsdp, device,
+                            param_dtype=torch.bfloat16 if sharded_bf16 else None,
+                            compile_backend="inductor" if compile_step else None)
+    optimizer = build_optimizer(loss_head, args.lr, args.weight_decay, fused=cuda)
+    save_dtype = getattr(torch, args.save_dtype or dtype)  # the exported weights; the state/ beside them is float32
+    step = first = start_step(out, args, resume_dir, loss_head, optimizer, cuda, main_process, log)
     pack_len = args.max_len if args.pack else None
     if main_process:  # the arguments, data and model have passed: the run's first writes
         snapshot_tokenizer(out, tokenizer_dir)
@@ -382,12 +393,13 @@ def train(args) -> int:
         log(f"{len(items)} {'problems, rewritten online' if args.online else 'training sequences'} "
             f"({skipped} skipped: longer than --max-len {args.max_len}); {total_steps} steps of {args.batch_size}; "
             f"loss {args.loss}; world {world}; compile {compile_step}; {dtype}; "
+            f"activation checkpointing {'on' if model.activation_checkpointing else 'off'}; "
             + (f"packed in rows of {pack_len}" if pack_len else "not packed"))
     n_params = sum(p.numel() for p in model.parameters())
     peak_flops = next((f for k, f in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
 
     def save():
-        save_checkpoint(out, step, loss_head, optimizer, source_dir, rank, args.keep_checkpoints)
+        save_checkpoint(out, step, loss_head, optimizer, source_dir, rank, args.keep_checkpoints, save_dtype)
 
     bar = tqdm(total=total_steps, initial=step, disable=not main_process, desc="train", dynamic_ncols=True)
     try:
@@ -407,8 +419,8 @@ def train(args) -> int:
             if batch:  # online: empty when nothing verified; the step is then logged and skipped
                 t_train = time.perf_counter()
                 micro_batches = deal(batch, rank, world, args.micro_batch_size, pack_len)
-                result = train_step(step_fn, loss_head, optimizer, micro_batches, lam, tokenizer.pad_id, device,
-                                    autocast, args.grad_clip, world, pack_len)
+                result = train_step(loss_head, optimizer, micro_batches, lam, tokenizer.pad_id, device, autocast,
+                                    args.grad_clip, world, pack_len)
                 if args.online:
                     online["train_seconds"] = time.perf_counter() - t_train
             step += 1
@@ -427,6 +439,8 @@ def train(args) -> int:
                                   padding_share=result.padding_share, **stats)
                     if peak_flops:
                         record["mfu"] = 6 * n_params * result.n_tokens / seconds / (peak_flops * world)
+                    if compile_step:  # graphs captured so far: flat after the first steps (ranks.compile_blocks)
+                        record["compiled_graphs"] = compiled_graphs()
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", phi=f"{stats['phi_mean']:+.3f}")
                 append_metrics(out, record)
             if eval_seqs and (step % args.eval_every == 0 or step == total_steps):
@@ -504,11 +518,19 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=positive_int, default=1, help="steps between log lines")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its latest checkpoint; only --max-steps, --epochs, "
-                         "--micro-batch-size, --compile, --fsdp and the log/eval/save cadences may change")
+                         "--micro-batch-size, --compile, --fsdp, --activation-checkpointing, --save-dtype and the log/eval/save "
+                         "cadences may change")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the training step (default: on for CUDA, off for CPU)")
+                    help="torch.compile the decoder blocks; the loss stays eager (default: on for CUDA, off for CPU)")
+    ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep only each decoder block's input for backward and rerun the block there: the same "
+                         "gradients, far less memory, one more forward (default: on for CUDA, off for CPU)")
     ap.add_argument("--dtype", choices=DTYPES, default=None,
-                    help="compute dtype (autocast; weights and optimizer stay float32). Default: bfloat16 on CUDA")
+                    help="compute dtype (bfloat16: FSDP2's bfloat16 all-gathers with --fsdp, autocast otherwise; "
+                         "weights, gradients and optimizer state stay float32). Default: bfloat16 on CUDA")
+    ap.add_argument("--save-dtype", choices=DTYPES, default=None,
+                    help="dtype of each checkpoint's exported model (the float32 training state is kept beside it "
+                         "for --resume). Default: --dtype's, so bfloat16 on CUDA")
     ap.add_argument("--fsdp", action="store_true", help="shard parameters across ranks with FSDP2 (under torchrun)")
     ap.add_argument("--plot", metavar="RUN_DIR", default=None, help="draw RUN_DIR/metrics.jsonl to RUN_DIR/curves.png and exit")
     online = ap.add_argument_group("online on-policy SFT (docs/math.md): the model rewrites each step's problems "

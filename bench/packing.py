@@ -74,7 +74,7 @@ def ours(path, device, seqs, args, pack_len):
     micro_batches = step_batches(seqs, 0, len(seqs), 0, 0, 1, args.micro_batch_size, pack_len)
 
     def step():
-        return train_step(head, head, optimizer, micro_batches, 1.0, 0, device, autocast, 0.0, 1, pack_len).loss
+        return train_step(head, optimizer, micro_batches, 1.0, 0, device, autocast, 0.0, 1, pack_len).loss
 
     return step, padding_share(micro_batches, pack_len)
 

@@ -2,7 +2,8 @@
 
     ours  train.LossHead: model.hidden_states, then idft.chunked_loss_sum, which forms the logits
           W_out·h_t chunk by chunk for the valid (response) tokens only and builds their
-          gradient in the forward pass; torch.compile on CUDA, as train.py does
+          gradient in the forward pass; on CUDA its decoder blocks compiled, as train.py does
+          (plumbing/ranks.py, compile_blocks; activation checkpointing off on both sides)
     peer  transformers LlamaForCausalLM on the same weights, eager, full logits [B, T, V],
           then the IDFT loss written the way the authors write it (`authors_idft_loss`):
           float32 log_softmax over the whole batch, entropy from the full probabilities,
@@ -35,6 +36,7 @@ import torch
 
 from common import (GiB, add_common_args, interleaved, load_hf, load_ours, model_dir, new_report, peak,
                     reset_peak, run_worker, setup, timing, write_report)
+from plumbing.ranks import compile_blocks
 from train import PEAK_BF16_FLOPS, LossHead, build_optimizer
 
 KNOBS = dict(beta=1.0, gamma_min=0.1, gamma_max=2.0, b=None, top_k=None)  # train.py's defaults
@@ -73,7 +75,9 @@ def make_step(side, path, device, batch, seq):
     if side == "ours":
         model = load_ours(path, device).train()
         head = LossHead(model, "idft", KNOBS)
-        forward = torch.compile(head) if cuda else head
+        if cuda:
+            compile_blocks(model.layers)
+        forward = head
         params = head
     else:
         model = load_hf(path, device).train()

@@ -10,7 +10,8 @@ module, and never imports a top-level module:
                     DDP / FSDP wrapping, per-example seeds
     records.py      examples -> records, sharded over ranks, appended and resumable, merged in
                     input order (hinted_decode.py, eval.py, ddt.py)
-    checkpoints.py  train.py's run directory: checkpoints, resume identity, settings
+    checkpoints.py  train.py's run directory: checkpoints (the sharded training state, the
+                    exported model), resume identity, settings
     metrics.py      train.py's metrics.jsonl and its plot
     precision.py    the default dtype per device (bfloat16 on CUDA, float32 on CPU) and TF32
     report.py       the figures and tables of the reports, and the versions behind them

@@ -3,14 +3,16 @@
     RUN/args.json                      the run-defining settings (a resume must keep them)
     RUN/tokenizer/                     the model's tokenizer and template files, taken at the start
     RUN/metrics.jsonl                  one line per logged step (plumbing/metrics.py)
-    RUN/checkpoints/step-NNNNNNN/      a Hugging Face model directory + trainer_state.pt
+    RUN/checkpoints/step-NNNNNNN/      a Hugging Face model directory (--save-dtype), state/ (the
+                                       float32 weights and AdamW state, sharded) + trainer_state.pt
     RUN/latest                         the name of the newest checkpoint
 
 A checkpoint is written to a temporary directory and renamed into place whole, so every
 step-N directory is complete; `latest` is written after the rename, and a missing or stale
 pointer falls back to the newest complete checkpoint; a save that fails (a full disk) leaves
-no temporary and every earlier checkpoint as it was. trainer_state.pt holds the optimizer
-state, the step and the RNG states, so a resumed run on CPU continues bit for bit. A run knows
+no temporary and every earlier checkpoint as it was. state/ (torch.distributed.checkpoint: each
+rank writes its part) and trainer_state.pt (the step and the RNG states) make a resumed run on
+CPU continue bit for bit, whatever dtype the model was exported in. A run knows
 its model by content (`model_identity`), and every checkpoint gets the tokenizer the run
 started with (RUN/tokenizer), even if the source model directory is gone by then.
 """
@@ -21,9 +23,13 @@ import os
 import random
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -43,7 +49,7 @@ RUN_OUTPUTS = ("args.json", "metrics.jsonl", "online.jsonl", "latest", "checkpoi
 # evaluates, and how the same arithmetic is laid out on the hardware); every other setting
 # defines the run and must stay as it was (run_settings).
 RESUMABLE = ("max_steps", "epochs", "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every",
-             "compile", "fsdp", "pack")
+             "compile", "fsdp", "pack", "activation_checkpointing", "save_dtype")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -62,30 +68,45 @@ def latest_checkpoint(out: Path) -> Path | None:
     return fallback
 
 
-def save_checkpoint(out: Path, step: int, loss_head, optimizer, source_dir: Path, rank: int, keep: int):
-    """Write checkpoints/step-N as a complete HF directory + trainer state, atomically.
+# how torch.save, safetensors and DCP's writers report a full disk or a file-size limit
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
 
-    Every rank takes part in gathering the full state (FSDP shards it); rank 0 writes.
-    """
-    model_sd, optim_sd = get_state_dict(loss_head, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return
-    check_locks()
+
+def save_checkpoint(out: Path, step: int, loss_head, optimizer, source_dir: Path, rank: int, keep: int,
+                    save_dtype: torch.dtype):
+    """Write checkpoints/step-N, atomically: the training state sharded (state/: every rank
+    writes its own part of the float32 weights and AdamW state, `save_state`), then rank 0
+    exports a Hugging Face model directory in `save_dtype` from it, one safetensors shard at a
+    time (`SavedWeights`), and trainer_state.pt (step, RNG) last. No rank ever holds the whole
+    state; every rank must see RUN (one node, or a shared file system)."""
     name = f"checkpoints/step-{step:07d}"
     final, tmp = out / name, out / "checkpoints" / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = unwrap(loss_head).model
+    error = None
+    if rank == 0:
+        check_locks()
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in model_sd.items()})
+        barrier()  # the temporary directory is fresh before any rank writes into it
+        save_state(tmp / STATE_DIR, loss_head, optimizer)
+    except SAVE_ERRORS as e:
+        error = e
+    if rank != 0:
+        if error is not None:
+            raise error
+        return
+    try:
+        if error is not None:
+            raise error
+        model = unwrap(loss_head).model
+        model.save_pretrained(tmp, state_dict=SavedWeights(tmp / STATE_DIR, model), dtype=save_dtype)
         for f in TOKENIZER_FILES:  # the run's own copy (snapshot_tokenizer): the source may be gone
             if (out / "tokenizer" / f).is_file():
                 shutil.copy2(out / "tokenizer" / f, tmp / f)
-        state = {"step": step, "optimizer": optim_sd, "source_model": str(source_dir),
+        state = {"step": step, "source_model": str(source_dir),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
         torch.save(state, tmp / "trainer_state.pt")
-    except (OSError, RuntimeError, SafetensorError) as e:  # how torch.save and safetensors report a full disk
+    except SAVE_ERRORS as e:
         raise failed_save(out, tmp, name, e) from None
     shutil.rmtree(final, ignore_errors=True)  # a leftover from a run that crashed after this step
     os.replace(tmp, final)
@@ -100,6 +121,8 @@ def failed_save(out: Path, tmp: Path, name: str, error: Exception) -> RunError:
     temporary directory; the checkpoints on disk and `latest` are untouched, so a --resume
     (with space freed) continues from the last complete one."""
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, CheckpointException):  # DCP's wrapper around each rank's own error
+        error = next(iter(error.failures.values()))[0]
     pointer = out / "latest"
     last = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -108,15 +131,63 @@ def failed_save(out: Path, tmp: Path, name: str, error: Exception) -> RunError:
 
 
 def restore(resume_dir: Path, loss_head, optimizer, cuda: bool) -> int:
-    """Optimizer state and RNG of a checkpoint (its weights are already loaded); its step."""
+    """Weights, optimizer state and RNG of a checkpoint; its step. The weights come from the
+    float32 training state, not from the exported model, which may be bfloat16 (--save-dtype)."""
     state = torch.load(resume_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
-    set_state_dict(loss_head, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
+    if (resume_dir / STATE_DIR).is_dir():
+        load_state(resume_dir / STATE_DIR, loss_head, optimizer)
+    else:  # written before the state was sharded: float32 weights in the export, the whole optimizer state here
+        set_state_dict(loss_head, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if cuda and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"]
+
+
+# ---- The sharded training state (torch.distributed.checkpoint) ------------------------------
+
+STATE_DIR = "state"
+# DCP says so each time one process saves or loads without a process group, which is expected here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_state(directory: Path, loss_head, optimizer):
+    """The float32 weights and AdamW state, by parameter name, each rank writing the part it holds
+    (DCP: one file per rank and a .metadata index, written last by rank 0)."""
+    model_sd, optim_sd = get_state_dict(loss_head, optimizer)  # the names without DDP's or FSDP's wrapping
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=directory, no_dist=not dist.is_initialized())
+
+
+def load_state(directory: Path, loss_head, optimizer):
+    """save_state's inverse, into the current layout: DCP reads each rank's part from the parts
+    that were written, so a state saved by any number of processes, with or without FSDP2,
+    loads into any other (tests/test_scale_up.py: two FSDP2 processes, then one)."""
+    model_sd, optim_sd = get_state_dict(loss_head, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
+    set_state_dict(loss_head, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class SavedWeights:
+    """The weights in a state directory by the model's own names, each tensor read from the
+    ranks' files when asked for (model.save_pretrained asks one shard at a time): an export
+    that never holds the whole model."""
+
+    def __init__(self, directory: Path, model):
+        self.directory, self.like = directory, model.state_dict()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        like = self.like[name]
+        tensor = torch.empty(like.shape, dtype=torch.float32)
+        dcp.load({"model": {f"model.{name}": tensor}}, checkpoint_id=self.directory, no_dist=True)
+        return tensor
 
 
 # ---- The run's model and tokenizer ----------------------------------------------------------

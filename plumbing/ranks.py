@@ -120,24 +120,60 @@ def setup_training() -> tuple[bool, int, int, torch.device]:
     return distributed, rank, world, device
 
 
-def parallelize(loss_head: nn.Module, blocks, distributed: bool, fsdp: bool, device) -> nn.Module:
+def parallelize(loss_head: nn.Module, blocks, distributed: bool, fsdp: bool, device,
+                param_dtype: torch.dtype | None = None, compile_backend: str | None = None) -> nn.Module:
     """DDP (gradients all-reduced), or FSDP2 (parameters sharded per block) with fsdp; the module
-    itself in one process."""
+    itself in one process. The blocks are compiled first (`compile_blocks`), then sharded.
+
+    param_dtype (FSDP2, e.g. bfloat16; docs/gpu.md): the blocks' and the root's parameters are
+    all-gathered in that dtype and computed with as they are, gradients are reduce-scattered in
+    float32 onto the float32 shards, so the master weights and AdamW's state stay float32 and
+    no cast copy of a weight outlives its block (MixedPrecisionPolicy, no autocast). The root's
+    forward inputs are not cast: λ stays float32.
+    """
+    if compile_backend is not None:
+        compile_blocks(blocks, compile_backend)
     if distributed and fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         for block in blocks:
-            fully_shard(block)
-        fully_shard(loss_head)
+            fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype, reduce_dtype=torch.float32))
+        fully_shard(loss_head, mp_policy=MixedPrecisionPolicy(param_dtype, reduce_dtype=torch.float32,
+                                                              cast_forward_inputs=False))
         return loss_head
     if distributed:
         return nn.parallel.DistributedDataParallel(loss_head, device_ids=[device.index] if device.type == "cuda" else None)
     return loss_head
 
 
+def compile_blocks(blocks, backend: str = "inductor"):
+    """torch.compile each decoder block's forward for training, whole (fullgraph: no graph
+    break), leaving everything around it eager: the embedding, RoPE, the selection of the valid
+    tokens and the chunked loss, whose shapes follow the data. DDP's and FSDP's hooks run outside
+    the compiled code. Without gradients (evaluation, and decoding, which compiles its own step:
+    model.decode_step) a block runs eager.
+
+    The blocks share their graphs (same code, same shapes), and Dynamo's automatic dynamic shapes
+    make a size symbolic the first time it changes, so training compiles at most 3 forward graphs
+    per kind of batch (packed rows or not): the first shape, any other, and a single row (a size
+    of 1 is always specialized), each with its backward; no more whatever the lengths and row
+    counts that follow (tests/test_scale_up.py)."""
+    for block in blocks:
+        eager = block.forward
+        compiled = torch.compile(eager, backend=backend, fullgraph=True)
+        block.forward = lambda *a, compiled=compiled, eager=eager, **k: (
+            compiled if torch.is_grad_enabled() else eager)(*a, **k)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has captured in this process so far (each recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside torch.compile and DDP wrappers."""
-    module = getattr(module, "_orig_mod", module)
+    """The module inside a DDP wrapper."""
     return getattr(module, "module", module)
 
 

@@ -426,7 +426,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_elsewhere(tin
     argv = " ".join(train_args(tiny_model_dir, data, "$FS/run", max_steps=2, save_every=1, keep_checkpoints=0))
     proc = run_in_small_tmpfs(f'{sys.executable} train.py {argv} 2>"$FS/../err.txt"; echo "rc=$?";'
                               f' cat "$FS/../err.txt" >&2; ls -A "$FS/run/checkpoints"; cp -a "$FS/run" {tmp_path}/run',
-                              size="1700k")
+                              size="2700k")
     assert "rc=1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     line = the_error(proc.stderr)
     assert "No space left on device" in line or "unexpected pos" in line, line

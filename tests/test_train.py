@@ -275,7 +275,7 @@ def test_packed_step_equals_unpacked_step(case, tmp_path):
     for layout, pack_len, micro in (("unpacked", None, 10), ("packed", 64, 1), ("packed, 3 rows", 64, 3)):
         recorder = GradientRecorder(head.parameters())
         micro_batches = train.step_batches(seqs, 0, 10, 0, 0, 1, micro, pack_len)
-        result = train.train_step(head, head, recorder, micro_batches, 0.7, 0, "cpu", nullcontext(), 0, 1, pack_len)
+        result = train.train_step(head, recorder, micro_batches, 0.7, 0, "cpu", nullcontext(), 0, 1, pack_len)
         results[layout] = result, recorder.grads
     (ref, ref_grads) = results["unpacked"]
     assert len(train.step_batches(seqs, 0, 10, 0, 0, 1, 1, 64)) == 4  # 4 rows: several micro-batches
@@ -465,7 +465,7 @@ def test_packed_bf16_step_equals_unpacked_bf16_step_on_cuda(tmp_path):
     for pack_len in (None, 64):
         recorder = GradientRecorder(head.parameters())
         micro_batches = train.step_batches(seqs, 0, 10, 0, 0, 1, 2, pack_len)
-        result = train.train_step(head, head, recorder, micro_batches, 0.7, 0, "cuda",
+        result = train.train_step(head, recorder, micro_batches, 0.7, 0, "cuda",
                                   torch.autocast("cuda", dtype=torch.bfloat16), 0, 1, pack_len)
         results[pack_len] = result, torch.cat([g.flatten() for g in recorder.grads])
     (packed, g_packed), (unpacked, g_unpacked) = results[64], results[None]
