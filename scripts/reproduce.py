@@ -1,7 +1,7 @@
 """Reproduce the paper's two claims in miniature, end to end, with one command.
 
     python scripts/reproduce.py --scale smoke    # minutes on CPU: checks the plumbing, proves nothing
-    python scripts/reproduce.py --scale cpu      # about two hours on a 2-core CPU: a powered study
+    python scripts/reproduce.py --scale cpu      # about three hours on a 2-core CPU: a powered study
     python scripts/reproduce.py --scale gpu      # the larger plan (bf16, compiled), one GPU
 
 Model: the bundled SmolLM2-135M-Instruct (--model to change). Data: scripts/make_gsm8k.py —
@@ -46,7 +46,8 @@ vs 4%, 48 questions). The templates with the shortest solutions (two or three ar
 base answers 1/96 test questions (2/96 on the six held-out ones), and SFT at 1e-4 after 40
 steps × 8 sequences 33/96 (34%): learning shows. Each training run takes about 5 minutes and
 each model answers 100–150 questions a minute, which fits the grid (3 losses × 3 rates), the
-hd runs and 300 + 300 paired questions in about two hours (measured: 114 minutes).
+hd runs and 300 + 300 paired questions in about two hours (measured: 114 minutes, before the
+online arms, which add an estimated 45 minutes).
 """
 
 import argparse
