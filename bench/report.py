@@ -383,6 +383,8 @@ def data_parallel_section(results) -> list[str]:
 
 
 def online_section(results) -> list[str]:
+    if not list(runs(results, "online")):
+        return []  # not measured yet: no empty section
     out = ["## What being online costs (`train.py --online` against the offline pipeline)", "",
            ("Offline: `hinted_decode.py` rewrites the problems once, up front (its own clock after loading, per "
             "problem). Online: each `train.py --online` step rewrites its batch of problems with the current weights "
