@@ -190,37 +190,44 @@ def goals(results) -> list[list]:
 # ---- Sections ---------------------------------------------------------------------------------
 
 
+def section(results, name: str, heading: str, intro: str, subsection) -> list[str]:
+    """One workload's section: its heading and what it compares, then one subsection per result
+    file of workload `name`; subsection(run) gives its title (None: the label alone) and body,
+    and the run's provenance closes it. Nothing at all when the workload has no result yet."""
+    if not list(runs(results, name)):
+        return []
+    out = [f"## {heading}", "", intro, ""]
+    for label, run, _ in runs(results, name):
+        title, body = subsection(run)
+        out += [f"### {label}" + (f": {title}" if title else ""), "", *body, provenance(run), ""]
+    return out
+
+
 def train_section(results) -> list[str]:
-    out = ["## Training step (forward + backward + AdamW, IDFT loss)", "",
-           ("Ours: `train.LossHead` (hidden states + `idft.chunked_loss_sum`, compiled on CUDA). Peer: transformers "
-           "`LlamaForCausalLM`, eager, full logits and the IDFT loss written the authors' way (float32 log-softmax, "
-           "entropy, gather). Same weights, batch and dtype; peak memory from a fresh process per side "
-           "(growth during two steps: gradients, AdamW state, activations, logits). `bench/train_step.py`."), ""]
-    for label, run, _ in runs(results, "train_step"):
-        s, res = run["settings"], run["results"]
+    def subsection(run):
+        s, res, ra = run["settings"], run["results"], run["ratios"]
         rows = []
         for side, name in (("ours", "ours (LossHead + chunked_loss_sum)"), ("peer", "HF eager + authors' loss")):
             r = res[side]
             rows.append([name, f"{r['tokens_per_s']:.1f}", f"{r['seconds_median']:.3f}", f"{r['peak_step_gib']:.2f}",
                          f"{r['process_peak_gib']:.2f}", f"{r['mfu']:.1%}" if "mfu" in r else "—"])
-        ra = run["ratios"]
         rows.append(["**ours / peer**", f"**{x(ra['ours_over_peer_tokens_per_s'])}**", "",
                      f"**{x(ra['ours_over_peer_peak_step_memory'])}**", "", ""])
-        out += [f"### {label}: {s['model']}, {s['batch']} × {s['seq']} tokens, {s['dtype']}", "",
-                table(["", "tokens/s", "s/step (median)", "step peak GiB", "process peak GiB", "MFU"], rows), "",
-                (f"First-step losses agree to {ra['first_loss_rel_diff']:.1e} (relative); "
-                f"{s['reps_after_warmup']} timed steps per side after {s['warmup_steps']} warm-up step(s).  "),
-                provenance(run), ""]
-    return out
+        return (f"{s['model']}, {s['batch']} × {s['seq']} tokens, {s['dtype']}",
+                [table(["", "tokens/s", "s/step (median)", "step peak GiB", "process peak GiB", "MFU"], rows), "",
+                 (f"First-step losses agree to {ra['first_loss_rel_diff']:.1e} (relative); "
+                  f"{s['reps_after_warmup']} timed steps per side after {s['warmup_steps']} warm-up step(s).  ")])
+
+    return section(results, "train_step", "Training step (forward + backward + AdamW, IDFT loss)",
+                   ("Ours: `train.LossHead` (hidden states + `idft.chunked_loss_sum`, compiled on CUDA). Peer: "
+                    "transformers `LlamaForCausalLM`, eager, full logits and the IDFT loss written the authors' way "
+                    "(float32 log-softmax, entropy, gather). Same weights, batch and dtype; peak memory from a fresh "
+                    "process per side (growth during two steps: gradients, AdamW state, activations, logits). "
+                    "`bench/train_step.py`."), subsection)
 
 
 def decode_section(results) -> list[str]:
-    out = ["## Greedy decoding", "",
-           ("Ours: `model.generate` (static KV cache). Peer: transformers `generate` with its default dynamic cache "
-           "(`hf_dynamic`) and, on CUDA, with `cache_implementation=\"static\"`, which it compiles (`hf_static`). Same "
-           "prompts, left padding, EOS off so every row decodes exactly the same number of tokens; tokens/s of whole "
-           "`generate` calls (prefill included). `bench/decode.py`."), ""]
-    for label, run, _ in runs(results, "decode"):
+    def subsection(run):
         s = run["settings"]
         peers = [k for k in run["results"][0] if k.startswith("hf_")]
         rows = []
@@ -240,26 +247,23 @@ def decode_section(results) -> list[str]:
                      f"any implementation on the same kernels. Ours reaches {r['ours']['tokens_per_s'] / ceiling:.0%} "
                      f"of it, {peers[0]} {r[peers[0]]['tokens_per_s'] / ceiling:.0%}, so at most "
                      f"{ceiling / r[peers[0]]['tokens_per_s']:.2f}× {peers[0]} is possible here.", ""]
-        out += [f"### {label}: {s['model']}, {s['new_tokens']} new tokens, {s['dtype']}", "",
-                table(["batch", "ours tokens/s"] + [f"{p} tokens/s" for p in peers]
-                      + [f"ours / {p}" for p in peers] + ["same tokens"], rows), "", *bound,
-                f"{s['reps_after_warmup']} timed calls per side after one warm-up call.  ", provenance(run), ""]
-    return out
+        return (f"{s['model']}, {s['new_tokens']} new tokens, {s['dtype']}",
+                [table(["batch", "ours tokens/s"] + [f"{p} tokens/s" for p in peers]
+                       + [f"ours / {p}" for p in peers] + ["same tokens"], rows), "", *bound,
+                 f"{s['reps_after_warmup']} timed calls per side after one warm-up call.  "])
+
+    return section(results, "decode", "Greedy decoding",
+                   ("Ours: `model.generate` (static KV cache). Peer: transformers `generate` with its default dynamic "
+                    "cache (`hf_dynamic`) and, on CUDA, with `cache_implementation=\"static\"`, which it compiles "
+                    "(`hf_static`). Same prompts, left padding, EOS off so every row decodes exactly the same number "
+                    "of tokens; tokens/s of whole `generate` calls (prefill included). `bench/decode.py`."), subsection)
 
 
 def packing_section(results) -> list[str]:
     names = {"ours_packed": "ours, packed (`--pack`)", "ours_unpacked": "ours, unpacked (`--no-pack`)",
              "hf_padding_free": "transformers padding-free (`DataCollatorWithFlattening`)"}
-    out = ["## Packed training (one step on long, uneven sequences)", "",
-           ("Ours packed: `train.train_step` on rows of `--max-len` tokens, best-fit decreasing, each sequence "
-            "attending only within itself (FlashAttention's variable-length kernel on CUDA, one causal SDPA per "
-            "sequence on CPU). Ours unpacked: the same step with `--no-pack` (one sequence per row, padded to a "
-            "multiple of 64). Peer: transformers `LlamaForCausalLM` (sdpa) on its padding-free collator, the "
-            "layout TRL's `padding_free=True` builds, with the IDFT loss on full logits; it gets the same "
-            "micro-batches of sequences as ours packed. Random tokens with chain-of-thought-like lengths "
-            "(log-normal, σ 0.8); tokens/s counts the sequences' tokens only; padding share = input slots that "
-            "predict no token of a sequence. Eager on every side. `bench/packing.py`."), ""]
-    for label, run, _ in runs(results, "packing"):
+
+    def subsection(run):
         s, res, ra = run["settings"], run["results"], run["ratios"]
         rows = [[names[k], f"{r['tokens_per_s']:.1f}", f"{r['seconds_median']:.2f}", f"{r['padding_share']:.1%}"]
                 for k, r in res.items()]
@@ -267,52 +271,61 @@ def packing_section(results) -> list[str]:
                  ["**packed / transformers padding-free**", f"**{x(ra['packed_over_hf_padding_free'])}**", "", ""]]
         layouts = [[f"{lay['sequences']} sequences, median {lay['median_length']} tokens, rows of {lay['max_len']}",
                     f"{lay['packed']:.1%}", f"{lay['unpacked']:.1%}"] for lay in run["layouts"]]
-        out += [f"### {label}: {s['model']}, {s['sequences']} sequences per step (median {s['median_length']} "
-                f"tokens, {s['tokens_per_step']} in all, rows of {s['max_len']}), {s['dtype']}", "",
-                table(["", "tokens/s", "s/step (median)", "padding share"], rows), "",
-                (f"First-step losses agree to {ra['first_loss_rel_diff']:.1e} (relative); {s['reps_after_warmup']} "
-                 f"timed step(s) per side after one warm-up step, micro-batches of {s['micro_batch_size']}.  "),
-                "", "Padding share of larger steps (layout only, no model):", "",
-                table(["step", "packed", "unpacked"], layouts), "", provenance(run), ""]
-    return out
+        return (f"{s['model']}, {s['sequences']} sequences per step (median {s['median_length']} tokens, "
+                f"{s['tokens_per_step']} in all, rows of {s['max_len']}), {s['dtype']}",
+                [table(["", "tokens/s", "s/step (median)", "padding share"], rows), "",
+                 (f"First-step losses agree to {ra['first_loss_rel_diff']:.1e} (relative); {s['reps_after_warmup']} "
+                  f"timed step(s) per side after one warm-up step, micro-batches of {s['micro_batch_size']}.  "),
+                 "", "Padding share of larger steps (layout only, no model):", "",
+                 table(["step", "packed", "unpacked"], layouts), ""])
+
+    return section(results, "packing", "Packed training (one step on long, uneven sequences)",
+                   ("Ours packed: `train.train_step` on rows of `--max-len` tokens, best-fit decreasing, each sequence "
+                    "attending only within itself (FlashAttention's variable-length kernel on CUDA, one causal SDPA "
+                    "per sequence on CPU). Ours unpacked: the same step with `--no-pack` (one sequence per row, padded "
+                    "to a multiple of 64). Peer: transformers `LlamaForCausalLM` (sdpa) on its padding-free collator, "
+                    "the layout TRL's `padding_free=True` builds, with the IDFT loss on full logits; it gets the same "
+                    "micro-batches of sequences as ours packed. Random tokens with chain-of-thought-like lengths "
+                    "(log-normal, σ 0.8); tokens/s counts the sequences' tokens only; padding share = input slots "
+                    "that predict no token of a sequence. Eager on every side. `bench/packing.py`."), subsection)
 
 
 def prefill_memory_section(results) -> list[str]:
-    out = ["## Prefill memory of hinted decoding at long prompts", "",
-           ("Before: the previous prefill (restated in the benchmark: `masked_prefill`): left-padded chunks of "
-            "16 rows, every prompt token attending over the whole cache width (prompt + new tokens) through a "
-            "boolean mask with `enable_gqa`, which on CUDA runs the math kernel (float32 scores per head). After: "
-            "`model.prefill`, one prompt at a time, causal attention over its own tokens, no mask. Peak memory "
-            "growth during the call in a fresh process, shown beyond the KV cache's own size. "
-            "`bench/prefill_memory.py`."), ""]
-    for label, run, _ in runs(results, "prefill_memory"):
+    def subsection(run):
         s = run["settings"]
         rows = [[r["prompt_length"], r["max_new_tokens"], f"{r['after']['cache_gib']:.2f}",
                  f"{r['before']['beyond_cache_gib']:.2f}", f"**{r['after']['beyond_cache_gib']:.2f}**",
                  f"{r['before']['seconds']:.1f}", f"{r['after']['seconds']:.1f}", "yes" if r["same_next_tokens"] else "no"]
                 for r in run["results"]]
-        out += [f"### {label}: {s['model']}, {s['rows']} prompts, {s['dtype']}", "",
-                table(["prompt tokens", "new tokens", "cache GiB", "before: GiB beyond the cache",
-                       "after: GiB beyond the cache", "before s", "after s", "same next tokens"], rows), "",
-                provenance(run), ""]
-    return out
+        return (f"{s['model']}, {s['rows']} prompts, {s['dtype']}",
+                [table(["prompt tokens", "new tokens", "cache GiB", "before: GiB beyond the cache",
+                        "after: GiB beyond the cache", "before s", "after s", "same next tokens"], rows), ""])
+
+    return section(results, "prefill_memory", "Prefill memory of hinted decoding at long prompts",
+                   ("Before: the previous prefill (restated in the benchmark: `masked_prefill`): left-padded chunks "
+                    "of 16 rows, every prompt token attending over the whole cache width (prompt + new tokens) through "
+                    "a boolean mask with `enable_gqa`, which on CUDA runs the math kernel (float32 scores per head). "
+                    "After: `model.prefill`, one prompt at a time, causal attention over its own tokens, no mask. Peak "
+                    "memory growth during the call in a fresh process, shown beyond the KV cache's own size. "
+                    "`bench/prefill_memory.py`."), subsection)
 
 
 def scaling_section(results) -> list[str]:
-    out = ["## Time per generated token vs generated length", "",
-           ("Ours: `model.generate` with the KV cache. `no_cache`: the authors' demo design, every step recomputes "
-           "the whole prefix. Same model (ours), greedy, batch 1, one stream. `bench/scaling.py`."), ""]
-    for label, run, _ in runs(results, "scaling"):
+    def subsection(run):
         s, ra = run["settings"], run["ratios"]
         rows = [[r["new_tokens"], f"{r['ours']['seconds_per_token'] * 1e3:.2f}",
                  f"{r['no_cache']['seconds_per_token'] * 1e3:.2f}", f"**{x(r['no_cache_over_ours_per_token'])}**",
                  "yes" if r["outputs_identical"] else f"no (from token {r['first_mismatch']})"]
                 for r in run["results"]]
-        out += [f"### {label}: {s['model']}, prompt {s['prompt_tokens']} tokens, {s['dtype']}", "",
-                table(["new tokens L", "ours ms/token", "no cache ms/token", "no cache / ours", "same tokens"], rows),
-                "", (f"L grows {ra['length_growth']:g}×: time per token grows {x(ra['ours_per_token_growth'])} with the "
-                    f"cache, {x(ra['no_cache_per_token_growth'])} without.  "), provenance(run), ""]
-    return out
+        return (f"{s['model']}, prompt {s['prompt_tokens']} tokens, {s['dtype']}",
+                [table(["new tokens L", "ours ms/token", "no cache ms/token", "no cache / ours", "same tokens"], rows),
+                 "", (f"L grows {ra['length_growth']:g}×: time per token grows {x(ra['ours_per_token_growth'])} with "
+                      f"the cache, {x(ra['no_cache_per_token_growth'])} without.  ")])
+
+    return section(results, "scaling", "Time per generated token vs generated length",
+                   ("Ours: `model.generate` with the KV cache. `no_cache`: the authors' demo design, every step "
+                    "recomputes the whole prefix. Same model (ours), greedy, batch 1, one stream. `bench/scaling.py`."),
+                   subsection)
 
 
 def lower_bound(run, mode) -> str:
@@ -322,75 +335,67 @@ def lower_bound(run, mode) -> str:
 
 
 def hinted_section(results) -> list[str]:
-    out = ["## Hinted decoding", "",
-           ("Ours: `hinted_decode.hinted_generate` on all problems at once (2B rows, one forward per token, KV cache). "
-           "`batch1_cached`: the same, one problem at a time. `authors_style`: one problem at a time, two forwards per "
-           "token over the whole prefixes, no cache, as the published demo. Ratios compare new tokens/s (examples/s "
-           "at equal length); where `authors_style` was timed on fewer tokens than ours, its steps were cheaper, so "
-           "the ratio is a lower bound. "
-           "`bench/hinted_decode.py`."), ""]
-    for label, run, _ in runs(results, "hinted_decode"):
+    def subsection(run):
         res, sp = run["results"], hinted_speedup(run)
         rows = [[name, r["problems"], r["new_tokens_per_problem"], f"{r['examples_per_s']:.3f}",
-                 f"{r['new_tokens_per_s']:.1f}", "1.00×" if name == "ours" else f"**{lower_bound(run, name)}{x(sp['vs_' + name])}**"]
+                 f"{r['new_tokens_per_s']:.1f}",
+                 "1.00×" if name == "ours" else f"**{lower_bound(run, name)}{x(sp['vs_' + name])}**"]
                 for name, r in res.items()]
-        n = res["ours"]["new_tokens_per_problem"]
-        out += [f"### {label}: {run['settings']['model']}, {n} new tokens per problem", "",
-                table(["mode", "problems", "new tokens / problem", "examples/s", "tokens/s", "ours / mode"], rows),
-                "",
-                (f"Outputs identical across modes: {'yes' if run['outputs_identical'] else 'no'}; "
-                f"{run['settings']['reps_after_warmup']} timed run(s) after one warm-up.  "), provenance(run), ""]
-    return out
+        return (f"{run['settings']['model']}, {res['ours']['new_tokens_per_problem']} new tokens per problem",
+                [table(["mode", "problems", "new tokens / problem", "examples/s", "tokens/s", "ours / mode"], rows), "",
+                 (f"Outputs identical across modes: {'yes' if run['outputs_identical'] else 'no'}; "
+                  f"{run['settings']['reps_after_warmup']} timed run(s) after one warm-up.  ")])
+
+    return section(results, "hinted_decode", "Hinted decoding",
+                   ("Ours: `hinted_decode.hinted_generate` on all problems at once (2B rows, one forward per token, KV "
+                    "cache). `batch1_cached`: the same, one problem at a time. `authors_style`: one problem at a time, "
+                    "two forwards per token over the whole prefixes, no cache, as the published demo. Ratios compare "
+                    "new tokens/s (examples/s at equal length); where `authors_style` was timed on fewer tokens than "
+                    "ours, its steps were cheaper, so the ratio is a lower bound. `bench/hinted_decode.py`."),
+                   subsection)
 
 
 def loss_memory_section(results) -> list[str]:
-    out = ["## Memory-lean loss (one IDFT forward + backward of the output layer)", "",
-           ("Reference: full logits, `idft.loss_sum`, autograd. Lean: `idft.chunked_loss_sum` (the same `idft.token_loss` per chunk of tokens, recomputed in backward). Peak = growth over "
-           "the memory held before the step, one process per measurement. `bench/loss_memory.py`."), ""]
-    for label, run, _ in runs(results, "loss_memory"):
-        rows = [[f"{r['tokens']} × {r['vocab']} (D {r['dim']})", r["path"] + (f" / chunk {r['chunk_size']}"
-                                                                               if r["chunk_size"] else ""),
+    def subsection(run):
+        rows = [[f"{r['tokens']} × {r['vocab']} (D {r['dim']})",
+                 r["path"] + (f" / chunk {r['chunk_size']}" if r["chunk_size"] else ""),
                  r["dtype"], f"{r['time_s']:.2f}", f"{r['peak_gib']:.2f}"] for r in run["results"]]
         ratio_rows = [[f"{r['tokens']} × {r['vocab']}", r["chunk_size"], f"**{x(1 / r['memory_ref_over_lean'])}**",
                        f"**{x(r['time_lean_over_ref'])}**", f"{r['loss_rel_diff']:.1e}"] for r in run["ratios"]]
-        out += [f"### {label}", "", table(["tokens × vocab", "path", "dtype", "seconds (median)", "peak GiB"], rows), "",
-                table(["tokens × vocab", "chunk", "lean / reference memory", "lean / reference time",
-                       "loss rel. diff"], ratio_rows), "", provenance(run), ""]
-    return out
+        return None, [table(["tokens × vocab", "path", "dtype", "seconds (median)", "peak GiB"], rows), "",
+                      table(["tokens × vocab", "chunk", "lean / reference memory", "lean / reference time",
+                             "loss rel. diff"], ratio_rows), ""]
+
+    return section(results, "loss_memory", "Memory-lean loss (one IDFT forward + backward of the output layer)",
+                   ("Reference: full logits, `idft.loss_sum`, autograd. Lean: `idft.chunked_loss_sum` (the same "
+                    "`idft.token_loss` per chunk of tokens, recomputed in backward). Peak = growth over the memory "
+                    "held before the step, one process per measurement. `bench/loss_memory.py`."), subsection)
 
 
 def data_parallel_section(results) -> list[str]:
-    out = ["## Hinted-decoding pipeline under torchrun (data parallel)", "",
-           ("`hinted_decode.py --data ...` as one process, and as `torchrun --nproc_per_node 2` (each rank decodes "
-            "every other batch of the examples, rank 0 merges the part files in input order). The whole command is "
-            "timed (start-up and model loading included: `wall`) and the pipeline's own clock after loading "
-            "(`pipeline`). `bench/data_parallel.py`."), ""]
-    for label, run, _ in runs(results, "data_parallel"):
+    def subsection(run):
         s, res, sp = run["settings"], run["results"], run["speedup_over_one_process"]
         rows = [[name, f"{r['wall_seconds']:.1f}", f"{r['examples_per_s_wall']:.3f}", f"{r['pipeline_seconds']:.1f}",
                  f"{r['examples_per_s_pipeline']:.3f}", " + ".join(map(str, r["examples_per_process"])),
                  f"**{x(sp[name]['pipeline'])}**"] for name, r in res.items()]
-        out += [f"### {label}: {s['model']}, {s['problems']} problems, {s['max_new_tokens']} new tokens, "
-                f"batch {s['batch_size']}", "",
-                table(["run", "wall s", "examples/s (wall)", "pipeline s", "examples/s (pipeline)",
-                       "examples per process", "speed-up (pipeline)"], rows), "",
-                (f"Final files of the 1- and 2-process runs identical byte for byte: "
-                 f"{'yes' if run['files_identical_1_vs_2_processes'] else 'no'}. The machine has "
-                 f"{run['machine'].get('cpu_count', '?')} cores, shared with other work: two processes can at best "
-                 f"double the rate; load average (1 / 5 / 15 min) after the runs: "
-                 f"{' / '.join(f'{v:.1f}' for v in run['loadavg_end'])}.  "), provenance(run), ""]
-    return out
+        return (f"{s['model']}, {s['problems']} problems, {s['max_new_tokens']} new tokens, batch {s['batch_size']}",
+                [table(["run", "wall s", "examples/s (wall)", "pipeline s", "examples/s (pipeline)",
+                        "examples per process", "speed-up (pipeline)"], rows), "",
+                 (f"Final files of the 1- and 2-process runs identical byte for byte: "
+                  f"{'yes' if run['files_identical_1_vs_2_processes'] else 'no'}. The machine has "
+                  f"{run['machine'].get('cpu_count', '?')} cores, shared with other work: two processes can at best "
+                  f"double the rate; load average (1 / 5 / 15 min) after the runs: "
+                  f"{' / '.join(f'{v:.1f}' for v in run['loadavg_end'])}.  ")])
+
+    return section(results, "data_parallel", "Hinted-decoding pipeline under torchrun (data parallel)",
+                   ("`hinted_decode.py --data ...` as one process, and as `torchrun --nproc_per_node 2` (each rank "
+                    "decodes every other batch of the examples, rank 0 merges the part files in input order). The "
+                    "whole command is timed (start-up and model loading included: `wall`) and the pipeline's own clock "
+                    "after loading (`pipeline`). `bench/data_parallel.py`."), subsection)
 
 
 def online_section(results) -> list[str]:
-    if not list(runs(results, "online")):
-        return []  # not measured yet: no empty section
-    out = ["## What being online costs (`train.py --online` against the offline pipeline)", "",
-           ("Offline: `hinted_decode.py` rewrites the problems once, up front (its own clock after loading, per "
-            "problem). Online: each `train.py --online` step rewrites its batch of problems with the current weights "
-            "(`gen_seconds` in metrics.jsonl, per problem), then trains on what verified (`train_seconds`). Both run "
-            "the same rule (`hinted_decode.rewrite_batch`). `bench/online.py`."), ""]
-    for label, run, _ in runs(results, "online"):
+    def subsection(run):
         s, res, ratios = run["settings"], run["results"], run["ratios"]
         on = res["online"]
         rows = [["offline pipeline", f"{res['offline_pipeline']['seconds_per_problem']:.2f}", "", ""]]
@@ -400,12 +405,17 @@ def online_section(results) -> list[str]:
         tail = (f"Online generation / offline pipeline, per problem: **{x(ratios['online_generation_over_offline_pipeline'])}**"
                 + (f"; an online step takes **{x(ratios['online_step_over_training_alone'])}** its training alone"
                    if "online_step_over_training_alone" in ratios else "; no step trained (nothing verified)") + ".  ")
-        out += [f"### {label}: {s['model']}, {s['problems']} problems, batch {s['batch']}, "
-                f"{s['max_new_tokens']} new tokens ({s['decoding']})", "",
-                table(["run", "generation s per problem", "training s per step", "trained"], rows), "",
-                tail + f"Load average at the start: {' / '.join(f'{v:.1f}' for v in run['loadavg_start'])}.  ",
-                provenance(run), ""]
-    return out
+        return (f"{s['model']}, {s['problems']} problems, batch {s['batch']}, {s['max_new_tokens']} new tokens "
+                f"({s['decoding']})",
+                [table(["run", "generation s per problem", "training s per step", "trained"], rows), "",
+                 tail + f"Load average at the start: {' / '.join(f'{v:.1f}' for v in run['loadavg_start'])}.  "])
+
+    return section(results, "online", "What being online costs (`train.py --online` against the offline pipeline)",
+                   ("Offline: `hinted_decode.py` rewrites the problems once, up front (its own clock after loading, "
+                    "per problem). Online: each `train.py --online` step rewrites its batch of problems with the "
+                    "current weights (`gen_seconds` in metrics.jsonl, per problem), then trains on what verified "
+                    "(`train_seconds`). Both run the same rule (`hinted_decode.rewrite_batch`). `bench/online.py`."),
+                   subsection)
 
 
 def render(results: dict) -> str:
