@@ -232,14 +232,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None, docs=None, cu_seqlens=None):
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values of x [B, T, dim], each [B, T, heads, head_dim], rotated."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: [B, T, 1, head_dim]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # cos, sin: [B, T, 1, head_dim]
+
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, mask=None, docs=None, cu_seqlens=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if docs is not None:  # packed rows
             return self.o_proj(document_attention(q, k, v, docs, cu_seqlens).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]

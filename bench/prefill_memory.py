@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common import GiB, add_common_args, load_ours, model_dir, new_report, peak, reset_peak, run_worker, setup, write_report
-from model import apply_rope, prefill
+from model import prefill
 
 CHUNK_ROWS = 16  # the old prefill's rows per chunk (hinted_decode.PREFILL_ROWS before issue 22)
 
@@ -55,13 +55,7 @@ def masked_prefill(model, prompts, max_new_tokens):
         for i, layer in enumerate(model.layers):
             a, h = layer.self_attn, layer.input_layernorm(x)
             B, T, _ = h.shape
-            q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim)
-            k = a.k_proj(h).view(B, T, a.n_kv_heads, a.head_dim)
-            v = a.v_proj(h).view(B, T, a.n_kv_heads, a.head_dim)
-            if a.qk_norm:
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            q, k, v = (t.transpose(1, 2) for t in a.qkv(h, cos, sin))
             k_cache, v_cache = cache.k[i, rows], cache.v[i, rows]
             k_cache.index_copy_(2, slots, k)
             v_cache.index_copy_(2, slots, v)
