@@ -1,7 +1,7 @@
 """Reproduce the paper's two claims in miniature, end to end, with one command.
 
     python scripts/reproduce.py --scale smoke    # minutes on CPU: checks the plumbing, proves nothing
-    python scripts/reproduce.py --scale cpu      # about three hours on a 2-core CPU: a powered study
+    python scripts/reproduce.py --scale cpu      # about 3.5 hours on a 2-core CPU: a powered study
     python scripts/reproduce.py --scale gpu      # the larger plan (bf16, compiled), one GPU
 
 Model: the bundled SmolLM2-135M-Instruct (--model to change). Data: scripts/make_gsm8k.py —
@@ -46,8 +46,12 @@ vs 4%, 48 questions). The templates with the shortest solutions (two or three ar
 base answers 1/96 test questions (2/96 on the six held-out ones), and SFT at 1e-4 after 40
 steps × 8 sequences 33/96 (34%): learning shows. Each training run takes about 5 minutes and
 each model answers 100–150 questions a minute, which fits the grid (3 losses × 3 rates), the
-hd runs and 300 + 300 paired questions in about two hours (measured: 114 minutes, before the
-online arms, which add an estimated 45 minutes).
+hd and online runs and 300 + 300 paired questions in a few hours. Measured on the final code
+(2026-12-06, one torch thread per process: OMP_NUM_THREADS=1): the stages add up to 224
+minutes, 62 of them for the two online arms (47 training with their generation, 3 validation,
+12 test and held-out). Generation gains nothing from a second thread on this machine, so the
+committed run executed independent stages (training runs, evaluations) two at a time, one
+thread each: 112 minutes of wall time. reproduce.py itself runs them one after another.
 """
 
 import argparse
@@ -788,7 +792,7 @@ def report(out: Path, scale_name: str, scale: Scale, ddt: dict, hd: dict, grid: 
     bar_chart([{"name": n, **r["heldout"]} for n, r in final.items() if "heldout" in r],
                          out / "accuracy_heldout.png")
     hardware = (torch.cuda.get_device_name(0) if device.startswith("cuda")
-                else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
+                else f"CPU, {torch.get_num_threads()} torch thread(s) ({platform.processor() or platform.machine()})")
     templates = ("all not held out" if scale.train_templates is None else
                  f"{len(scale.train_templates)} ({', '.join(map(str, scale.train_templates))})")
     heldout = (f"{scale.heldout_templates} drawn at random" if isinstance(scale.heldout_templates, int) else
@@ -861,19 +865,22 @@ def headline(summary: dict) -> list[str]:
 
     held = next((t for t in tests if t["split"] == "heldout" and (t["a"], t["b"]) == ("sft", "base")), None)
     others = [a for a, b in on_test if b == BASELINE and a != BASELINE]
+    online = [(a, b) for a, b in on_test if a.startswith("online_") and b.startswith("hd_")]
     ddt = summary["ddt"]
     names = {"reference": "references", "own": "own samples", "beta0": "β_mix = 0 rewrites", "hinted": "hinted rewrites"}
     flagged = ", ".join(f"{names.get(k, k)} {ddt[k]['share_flagged_p05']:.2f}" for k in ddt)
     kl = {loss: summary["validation"][run]["kl_from_base"] for loss, run in summary["chosen"].items()}
     return [
-        f"- **The `{summary['scale']}` study** ({minutes:.0f} min): the bundled 135M model, {settings['steps']} steps × "
+        f"- **The `{summary['scale']}` study** (its stages: {minutes:.0f} min): the bundled 135M model, {settings['steps']} steps × "
         f"{settings['batch_size']} sequences per run, each loss at the learning rate chosen on validation, "
         f"{settings['n_test']} + {settings['n_heldout']} paired test questions (exact McNemar).",
         f"- **The task teaches:** SFT vs base on test {diff('sft', 'base')}"
         + (f"; on held-out templates {100 * held['difference']:+.1f} points." if held else "."),
         "- **Against SFT on test:** " + "; ".join(f"{a} {diff(a, BASELINE)}" for a in others) + "."
-        + ("".join(f" Online against offline: {a} vs {b} {diff(a, b)}." for a, b in on_test
-                   if a.startswith("online_") and b.startswith("hd_"))),
+        + (" Online against offline on test: " + "; ".join(
+            f"{a} vs {b} {diff(a, b)}" + (f", detectable with 80% power: {100 * d:.0f} points"
+                                          if (d := on_test[(a, b)]["detectable_difference"]) else "")
+            for a, b in online) + "." if online else ""),
         f"- **Claim 1 (DDT)**, share flagged off-distribution (p < 0.05): {flagged}.",
         "- **Claim 2 (IDFT)**, drift KL(base ‖ model) at the chosen rates: "
         + ", ".join(f"{loss} {value:.3f}" for loss, value in kl.items())
@@ -901,7 +908,7 @@ def update_readme(results_root: Path):
 def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--scale", choices=SCALES, required=True, help="smoke (minutes), cpu (~2 h on 2 cores), gpu")
+    ap.add_argument("--scale", choices=SCALES, required=True, help="smoke (minutes), cpu (~3.5 h on 2 cores), gpu")
     ap.add_argument("--model", default=BUNDLED_NAME, help="base model (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--out", default=None, help="results directory (default: results/<scale>; results/README.md and "
                     "the README's headline are rewritten only with the default)")

@@ -4,7 +4,7 @@ lengths and valid-token counts every step, with
 activation checkpointing, compiled blocks (Dynamo, backend aot_eager: graph capture and AOT
 autograd without a C++ compiler) and, with --fsdp, FSDP2 (--dtype bfloat16: its mixed-precision
 policy). Prints one JSON line: per layout, each step's loss, valid tokens and graphs compiled
-so far, and the dtypes the blocks saw and the optimizer holds."""
+so far, and the dtypes the blocks saw and the optimizer holds (rank 0's)."""
 
 import argparse
 import json
@@ -54,5 +54,6 @@ for layout in args.layouts:  # the graphs of packed and unpacked batches differ 
         runs[layout].append({"loss": result.loss, "graphs": compiled_graphs() - start,
                              "rows": [len(mb) for mb in micro], "valid": int(result.phi.numel())})
 state = [str(t.dtype) for s in optimizer.state.values() for t in s.values() if t.ndim]
-print(json.dumps({**runs, "compute_dtypes": sorted(seen), "optimizer_dtypes": sorted(set(state)),
-                  "param_dtypes": sorted({str(p.dtype) for p in head.parameters()})}))
+if rank == 0:  # one line, not one per rank: two ranks' prints can interleave on the shared stdout
+    print(json.dumps({**runs, "compute_dtypes": sorted(seen), "optimizer_dtypes": sorted(set(state)),
+                      "param_dtypes": sorted({str(p.dtype) for p in head.parameters()})}))
